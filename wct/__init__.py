@@ -1,0 +1,35 @@
+"""wct: quantization-aware fine-tuning of LLMs over frozen low-bit bases.
+
+Public names are re-exported here; the work happens in the floors below
+(formats → kernels → nn → quantize / tuners → integrations).
+"""
+
+from __future__ import annotations
+
+import importlib.util as _ilu
+import os as _os
+import sys as _sys
+
+__version__ = "0.1.0"
+
+
+def _mount_source_kernels() -> None:
+    """Installed wheels map ``kernels/`` to ``wct.kernels``; a bare source checkout needs the same."""
+    if "wct.kernels" in _sys.modules or _ilu.find_spec("wct.kernels") is not None:
+        return
+    src = _os.path.join(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))), "kernels", "__init__.py")
+    if not _os.path.exists(src):
+        raise ImportError("wct.kernels is missing: reinstall wct (pip install -e .)")
+    spec = _ilu.spec_from_file_location("wct.kernels", src, submodule_search_locations=[_os.path.dirname(src)])
+    mod = _ilu.module_from_spec(spec)
+    _sys.modules["wct.kernels"] = mod
+    spec.loader.exec_module(mod)
+
+
+_mount_source_kernels()
+
+from wct.formats import QuantizedTensor, get_format  # noqa: E402
+from wct.nn import QuantLinear  # noqa: E402
+from wct.quantize import QuantConfig, model_bits, quantize_model  # noqa: E402
+
+__all__ = ["QuantConfig", "QuantLinear", "QuantizedTensor", "get_format", "model_bits", "quantize_model", "__version__"]

@@ -1,0 +1,69 @@
+"""Finding the parts of a Hugging Face decoder-only model, generically.
+
+No per-architecture table: the decoder blocks are the longest ``nn.ModuleList``
+whose children all share one class (``model.layers`` in Llama/Mistral/Qwen2,
+``model.decoder.layers`` in OPT, ``transformer.h`` in GPT-2 ...).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+try:  # GPT-2 style models use a transposed Linear
+    from transformers.pytorch_utils import Conv1D
+except Exception:  # pragma: no cover - transformers always has it
+    Conv1D = ()
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(qualified name, ModuleList) of the decoder blocks."""
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
+            classes = {type(c) for c in mod}
+            if len(classes) == 1 and any(isinstance(m, (nn.Linear, Conv1D)) for m in mod[0].modules()):
+                if best is None or len(mod) > len(best[1]):
+                    best = (name, mod)
+    if best is None:
+        raise ValueError(
+            f"could not find the decoder blocks of {type(model).__name__}: expected an nn.ModuleList of identical "
+            "blocks containing Linear layers"
+        )
+    return best
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or (Conv1D != () and isinstance(module, Conv1D))
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """``[out, in]`` weight of an ``nn.Linear`` or a transformers ``Conv1D`` (stored ``[in, out]``)."""
+    if isinstance(module, nn.Linear):
+        return module.weight
+    return module.weight.t()
+
+
+def find_linears(block: nn.Module, prefix: str = "") -> dict[str, nn.Module]:
+    """Linear-like layers inside ``block`` by qualified name, in forward-ish (registration) order."""
+    return {f"{prefix}{n}" if not prefix else f"{prefix}.{n}": m for n, m in block.named_modules() if n and is_linear(m)}
+
+
+def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def quantizable_linears(model: nn.Module, include_lm_head: bool = False, skip: tuple[str, ...] = ()) -> dict[str, nn.Module]:
+    """All Linear layers of the decoder blocks (plus ``lm_head`` if asked), minus names matching ``skip``."""
+    block_name, _ = find_blocks(model)
+    out = {}
+    for name, mod in model.named_modules():
+        if not is_linear(mod):
+            continue
+        in_blocks = name.startswith(block_name + ".")
+        is_head = name.split(".")[-1] in ("lm_head", "embed_out", "output")
+        if (in_blocks or (include_lm_head and is_head)) and not any(s and s in name for s in skip):
+            out[name] = mod
+    return out
