@@ -104,24 +104,40 @@ class IntegerFormat(Format):
         return self.params_from_range(w.min(dim=1).values, w.max(dim=1).values)
 
     def mse_params(
-        self, w: torch.Tensor, grid: int = 100, maxshrink: float = 0.8, norm: float = 2.4
+        self, w: torch.Tensor, grid: int = 100, maxshrink: float = 0.8, norm: float = 2.4, coarse: int = 4
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-row range search: shrink the min-max range and keep the best Lp error (GPTQ/OWQ's search)."""
+        """Per-row range search: shrink the min-max range ``[p·min, p·max]`` and keep the best Lp error.
+
+        The candidates are GPTQ/OWQ's grid ``p = 1 − i/grid`` for ``i < maxshrink·grid``, searched
+        coarse-to-fine (every ``coarse``-th candidate, then the neighbours of each row's best): the
+        Lp error is smooth in ``p``, and this costs a third of the exhaustive scan, which dominates
+        OWQ's run time otherwise.
+        """
         w = w.float()
         xmin0, xmax0 = w.min(dim=1).values, w.max(dim=1).values
-        best = torch.full_like(xmin0, float("inf"))
-        scale, zero = self.params_from_range(xmin0, xmax0)
-        for i in range(int(maxshrink * grid)):
-            p = 1 - i / grid
+        n_steps = int(maxshrink * grid)
+        best_err = torch.full_like(xmin0, float("inf"))
+        best_i = torch.zeros_like(xmin0, dtype=torch.long)
+
+        def try_steps(steps: torch.Tensor) -> None:  # steps: [rows] candidate index per row
+            nonlocal best_err, best_i
+            p = 1 - steps.float() / grid
             s, z = self.params_from_range(p * xmin0, p * xmax0)
             q = self.dequantize_values(self.quantize_values(w, s[:, None], z[:, None]), s[:, None], z[:, None])
             err = (q - w).abs_().pow_(norm).sum(1)
-            better = err < best
-            if better.any():
-                best = torch.where(better, err, best)
-                scale = torch.where(better, s, scale)
-                zero = torch.where(better, z, zero)
-        return scale, zero
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_i = torch.where(better, steps, best_i)
+
+        for i in range(0, n_steps, max(1, coarse)):
+            try_steps(torch.full_like(best_i, i))
+        if coarse > 1:
+            center = best_i.clone()
+            for d in range(-(coarse - 1), coarse):
+                if d:
+                    try_steps((center + d).clamp(0, n_steps - 1))
+        p = 1 - best_i.float() / grid
+        return self.params_from_range(p * xmin0, p * xmax0)
 
     def quantize_values(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         """Integer codes (as float) for ``w`` with broadcastable scale/zero."""

@@ -1,0 +1,200 @@
+"""``wct`` console script: quantize, evaluate and inspect packed models.
+
+    wct quantize --model M --method owq --wbits 3 --target-bits 3.01 --calib valid.txt --out DIR
+    wct eval ppl --model DIR --data test.txt
+    wct inspect DIR
+
+``--model`` takes a hub id, a local path, or nothing / ``default`` for the
+embedded SmolLM2-135M-Instruct.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+METHOD_CHOICES = ("rtn", "gptq", "owq", "gwq", "nf4", "af4", "bof4", "bof4s")
+
+
+def _is_wct_checkpoint(path: str | None) -> bool:
+    if not path or not os.path.isdir(path):
+        return False
+    cfg = Path(path) / "config.json"
+    if not cfg.exists():
+        return False
+    q = json.loads(cfg.read_text()).get("quantization_config") or {}
+    return q.get("quant_method") == "wct"
+
+
+def load_any(name_or_path: str | None):
+    """(model, tokenizer) from a wct checkpoint, a hub id / local model, or the embedded default."""
+    from wct.models import load_model
+
+    if _is_wct_checkpoint(name_or_path):
+        from transformers import AutoTokenizer
+
+        from wct.integrations.transformers import load_quantized
+
+        return load_quantized(name_or_path), AutoTokenizer.from_pretrained(name_or_path)
+    return load_model(name_or_path)
+
+
+def _add_quantize(sub) -> None:
+    p = sub.add_parser("quantize", help="quantize a model into packed storage and save it")
+    p.add_argument("--model", default=None, help="hub id or local path (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--method", required=True, choices=METHOD_CHOICES + ("outliertune",))
+    p.add_argument("--wbits", type=int, default=4, help="integer bit width for rtn/gptq/owq/gwq (2, 3, 4, 8)")
+    p.add_argument("--abits", type=int, default=8, help="activation bits (outliertune)")
+    p.add_argument("--target-bits", type=float, default=None, help="OWQ average bits incl. 16-bit weak columns (e.g. 3.01)")
+    p.add_argument("--group-size", type=int, default=None, help="integer group size (default: per output channel)")
+    p.add_argument("--sym", action="store_true", help="symmetric integer grid")
+    p.add_argument("--block-size", type=int, default=64, help="codebook block size")
+    p.add_argument("--double-quant", action="store_true", help="8-bit quantization of codebook block scales")
+    p.add_argument("--opq", action="store_true", help="keep OPQ magnitude outliers in 16-bit (codebook formats)")
+    p.add_argument("--opq-quantile", type=float, default=0.95)
+    p.add_argument("--outlier-ratio", type=float, default=0.01, help="GWQ fraction of weights kept in 16-bit")
+    p.add_argument("--act-order", action="store_true")
+    p.add_argument("--true-sequential", action="store_true")
+    p.add_argument("--percdamp", type=float, default=0.01)
+    p.add_argument("--range-search", choices=("minmax", "mse"), default=None, help="default: mse for owq, minmax otherwise")
+    p.add_argument("--calib", default=None, help="calibration text/JSON/JSONL file or dataset name (calibrated methods)")
+    p.add_argument("--n-samples", type=int, default=128)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a model")
+    esub = p.add_subparsers(dest="what", required=True)
+    pp = esub.add_parser("ppl", help="perplexity, GPTQ convention (non-overlapping windows)")
+    pp.add_argument("--model", default=None)
+    pp.add_argument("--data", required=True, help="text/JSON/JSONL file or dataset name")
+    pp.add_argument("--seq-len", type=int, default=512)
+    pp.add_argument("--windows", type=int, default=None, help="first N windows (default: all)")
+    pp.add_argument("--json", action="store_true", help="print a JSON record")
+
+
+def _add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="bits per layer, outlier counts and sizes of a packed checkpoint")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wct", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_quantize(sub)
+    _add_eval(sub)
+    _add_inspect(sub)
+    return parser
+
+
+def cmd_quantize(args) -> int:
+    from wct.integrations.transformers import save_pretrained
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        print(f"error: --out {out} exists and is not empty; pass --overwrite to replace it", file=sys.stderr)
+        return 2
+    model, tok = load_any(args.model)
+    t0 = time.time()
+    if args.method == "outliertune":
+        from wct.integrations.outliertune import quantize_outliertune_cli
+
+        return quantize_outliertune_cli(model, tok, args)
+    from wct.data import get_calibration_windows
+    from wct.integrations.transformers import quantize_model
+    from wct.quantize import QuantConfig
+
+    cfg = QuantConfig(
+        method=args.method, wbits=args.wbits, group_size=args.group_size, sym=args.sym, block_size=args.block_size,
+        double_quant=args.double_quant, target_bits=args.target_bits, outlier_ratio=args.outlier_ratio, opq=args.opq,
+        opq_quantile=args.opq_quantile, percdamp=args.percdamp, act_order=args.act_order,
+        true_sequential=args.true_sequential, range_search=args.range_search,
+    )
+    calib = None
+    if cfg.calibrated:
+        if not args.calib:
+            print(f"error: --method {args.method} needs --calib FILE|DATASET", file=sys.stderr)
+            return 2
+        calib = get_calibration_windows(args.calib, tok, n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed)
+    quantize_model(model, cfg, calibration=calib)
+    seconds = time.time() - t0
+    save_pretrained(model, out, overwrite=args.overwrite, tokenizer=tok)
+    from wct.quantize import model_bits
+
+    bits = model_bits(model)
+    print(json.dumps({"out": str(out), "method": args.method, "bits_per_weight": round(bits["bits_per_weight"], 4),
+                      "quantized_mb": round(bits["nbytes"] / 2**20, 2), "quantize_seconds": round(seconds, 1)}))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from wct.eval import perplexity
+
+    model, tok = load_any(args.model)
+    t0 = time.time()
+    ppl = perplexity(model, args.data, tokenizer=tok, seq_len=args.seq_len, n_windows=args.windows)
+    rec = {"model": args.model or "default", "data": args.data, "seq_len": args.seq_len, "windows": args.windows,
+           "ppl": round(ppl, 4), "seconds": round(time.time() - t0, 1)}
+    print(json.dumps(rec) if args.json else f"perplexity {ppl:.4f}")
+    return 0
+
+
+def inspect_rows(model) -> list[dict]:
+    from wct.nn import QuantLinear
+
+    rows = []
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            rows.append({"layer": name, "format": m.fmt.name, "shape": [m.out_features, m.in_features],
+                         "weak_columns": m.n_weak, "sparse_outliers": m.nnz, "bytes": m.nbytes,
+                         "bits_per_weight": round(m.bits_per_weight, 4)})
+    return rows
+
+
+def cmd_inspect(args) -> int:
+    if not _is_wct_checkpoint(args.path):
+        print(f"error: {args.path} is not a wct checkpoint (config.json has no quantization_config with quant_method 'wct')",
+              file=sys.stderr)
+        return 2
+    from wct.integrations.transformers import load_quantized
+
+    model = load_quantized(args.path)
+    rows = inspect_rows(model)
+    total_bytes = sum(r["bytes"] for r in rows)
+    numel = sum(r["shape"][0] * r["shape"][1] for r in rows)
+    files = sum(f.stat().st_size for f in Path(args.path).glob("*.safetensors"))
+    summary = {"layers": len(rows), "bits_per_weight": round(8 * total_bytes / max(numel, 1), 4),
+               "quantized_bytes": total_bytes, "weak_columns": sum(r["weak_columns"] for r in rows),
+               "sparse_outliers": sum(r["sparse_outliers"] for r in rows), "safetensors_bytes": files}
+    if args.json:
+        print(json.dumps({"summary": summary, "layers": rows}))
+        return 0
+    print(f"{'layer':50s} {'format':7s} {'shape':>12s} {'weak':>5s} {'sparse':>7s} {'bits':>7s}")
+    for r in rows:
+        shape = "x".join(map(str, r["shape"]))
+        print(f"{r['layer']:50s} {r['format']:7s} {shape:>12s} {r['weak_columns']:5d} {r['sparse_outliers']:7d} {r['bits_per_weight']:7.3f}")
+    print(json.dumps(summary))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import wct  # noqa: F401  (registers the transformers quantizer and the PEFT method)
+
+    try:
+        return {"quantize": cmd_quantize, "eval": cmd_eval, "inspect": cmd_inspect}[args.command](args)
+    except (ValueError, FileExistsError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
