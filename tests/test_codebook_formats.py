@@ -82,3 +82,13 @@ def test_codebook_blocks_cross_rows_when_needed():
     assert qt.data["absmax"].numel() == 4
     rows = torch.cat([qt.dequantize_rows(i, i + 1) for i in range(5)])
     assert torch.equal(rows, qt.dequantize())
+
+
+def test_public_codebook_attribute():
+    import wct
+
+    fmt = wct.get_format("bof4s", block_size=64)
+    cb = fmt.codebook
+    assert cb.shape == (16,) and cb.dtype == torch.float32
+    assert torch.all(cb[1:] > cb[:-1]) and cb[-1] == 1.0
+    assert torch.equal(wct.get_format("nf4").codebook, bnb_F.get_4bit_type("nf4", device="cpu"))

@@ -32,7 +32,7 @@ DQ_BLOCK = 256
 
 @dataclass(frozen=True)
 class CodebookFormat(Format):
-    codebook: str = "nf4"
+    family: str = "nf4"
     block_size: int = 64
     double_quant: bool = False
     criterion: str = "mse"
@@ -41,8 +41,8 @@ class CodebookFormat(Format):
     bits = 4
 
     def __post_init__(self) -> None:
-        if self.codebook not in CODEBOOKS:
-            raise ValueError(f"unknown codebook {self.codebook!r}; choose one of {CODEBOOKS}")
+        if self.family not in CODEBOOKS:
+            raise ValueError(f"unknown codebook {self.family!r}; choose one of {CODEBOOKS}")
         if not isinstance(self.block_size, int) or not 2 <= self.block_size <= 4096:
             raise ValueError(f"block_size must be an int in [2, 4096] (typical: 32, 64, 128, 256), got {self.block_size!r}")
         if self.criterion not in ("mse", "mae"):
@@ -50,23 +50,23 @@ class CodebookFormat(Format):
 
     @property
     def name(self) -> str:
-        return self.codebook
+        return self.family
 
     def to_dict(self):
-        return {"name": self.codebook, "block_size": self.block_size, "double_quant": self.double_quant, "criterion": self.criterion}
+        return {"name": self.family, "block_size": self.block_size, "double_quant": self.double_quant, "criterion": self.criterion}
 
     @property
     def signed(self) -> bool:
-        return self.codebook == "bof4s"
+        return self.family == "bof4s"
 
     @property
-    def levels(self) -> torch.Tensor:
-        """The 16 levels in [-1, 1], ascending (fp32)."""
+    def codebook(self) -> torch.Tensor:
+        """The 16 levels in [-1, 1], ascending (fp32): NF4's table, AF4's or our optimised BOF4/BOF4-S."""
         from .codebook import get_codebook
 
-        return get_codebook(self.codebook, self.block_size, self.criterion).clone()
+        return get_codebook(self.family, self.block_size, self.criterion).clone()
 
-    codebook_levels = levels
+    levels = codebook
 
     def n_blocks(self, shape: tuple[int, int]) -> int:
         return ceil_div(shape[0] * shape[1], self.block_size)
@@ -163,7 +163,7 @@ class CodebookFormat(Format):
         code = data["code"]
         z = int(code.abs().argmin())
         if float(code[z]) != 0.0:
-            raise ValueError(f"codebook {self.codebook} has no exact zero level; it cannot hold additive outliers")
+            raise ValueError(f"codebook {self.family} has no exact zero level; it cannot hold additive outliers")
         return torch.tensor(z, dtype=torch.uint8)
 
     def with_codes(self, qt: QuantizedTensor, codes: torch.Tensor) -> QuantizedTensor:

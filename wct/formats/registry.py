@@ -20,7 +20,7 @@ def _integer(bits: int) -> Callable[..., Format]:
 
 def _codebook(name: str) -> Callable[..., Format]:
     def make(block_size: int = 64, double_quant: bool = False, criterion: str = "mse") -> Format:
-        return CodebookFormat(codebook=name, block_size=block_size, double_quant=double_quant, criterion=criterion)
+        return CodebookFormat(family=name, block_size=block_size, double_quant=double_quant, criterion=criterion)
     return make
 
 
