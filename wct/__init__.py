@@ -30,6 +30,25 @@ _mount_source_kernels()
 
 from wct.formats import QuantizedTensor, get_format  # noqa: E402
 from wct.nn import QuantLinear  # noqa: E402
-from wct.quantize import QuantConfig, model_bits, quantize_model  # noqa: E402
+from wct.quantize import QuantConfig, model_bits  # noqa: E402
+from wct.integrations import (  # noqa: E402  (importing registers quant_method="wct" with transformers)
+    attach_quantization,
+    load_quantized,
+    quantize_model,
+    save_pretrained,
+    sync_quantization,
+)
 
-__all__ = ["QuantConfig", "QuantLinear", "QuantizedTensor", "get_format", "model_bits", "quantize_model", "__version__"]
+__all__ = [
+    "QuantConfig",
+    "QuantLinear",
+    "QuantizedTensor",
+    "__version__",
+    "attach_quantization",
+    "get_format",
+    "load_quantized",
+    "model_bits",
+    "quantize_model",
+    "save_pretrained",
+    "sync_quantization",
+]

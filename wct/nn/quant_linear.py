@@ -229,6 +229,21 @@ class QuantLinear(nn.Module):
         if sparse_values is not None:
             self.sp_values.copy_(sparse_values.to(self.sp_values.dtype))
 
+    def _apply(self, fn, recurse=True):
+        """Follow device moves, never dtype casts.
+
+        ``model.to(torch.bfloat16)`` would otherwise round the fp16 scales and outliers and the
+        fp32 codebook/absmax buffers, silently changing the quantized weight; the layer computes
+        in the input's dtype anyway.
+        """
+        before = {n: b for n, b in self._buffers.items() if b is not None}
+        super()._apply(fn, recurse)
+        for n, old in before.items():
+            new = self._buffers[n]
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[n] = old.to(device=new.device)
+        return self
+
     # --- accounting ----------------------------------------------------------
     @property
     def nbytes(self) -> int:

@@ -1,0 +1,693 @@
+"""``quant_method="wct"`` for transformers: packed checkpoints that ``from_pretrained`` understands.
+
+Why a transformers quantizer at all: a wct checkpoint is an ordinary HF directory
+(``config.json`` + ``model.safetensors``), but its quantized Linears hold packed
+buffers (``qweight``, ``scales``, outliers ...) instead of a ``weight``.  On load,
+transformers must build :class:`~wct.nn.QuantLinear` modules with exactly those
+buffer shapes *before* it reads the file, and it only does that through a
+registered quantizer.  Importing this module registers:
+
+* :class:`WCTQuantizationConfig` (``config.json["quantization_config"]``): the
+  :class:`~wct.quantize.QuantConfig` that made the model, the per-layer spec table
+  (module name -> :meth:`QuantLinear.spec`) and a checkpoint format version.
+* :class:`WCTHfQuantizer`: swaps the listed Linears for empty QuantLinear
+  skeletons (on the meta device), checks the safetensors headers against them
+  before any byte is loaded, and validates every layer after loading.
+
+Checkpoints are safetensors only (no pickle).  :func:`save_pretrained` writes them
+atomically; :func:`load_quantized` is the checked way back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import fields
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from wct.nn import QuantLinear
+from wct.quantize import QuantConfig
+from wct.quantize import quantize_model as _quantize_modules
+from wct.quantize.api import QUANT_ATTR
+
+log = logging.getLogger(__name__)
+
+QUANT_METHOD = "wct"
+FORMAT_VERSION = 1  # bump when the meaning of the stored buffers or of the layer specs changes
+
+_ST_DTYPE = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+class WCTCheckpointError(ValueError):
+    """A wct checkpoint does not match its own ``quantization_config`` (corrupt, truncated or stale)."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# config.json["quantization_config"]
+# ---------------------------------------------------------------------------------------------------------------------
+class WCTQuantizationConfig(QuantizationConfigMixin):
+    """What ``config.json["quantization_config"]`` holds for a wct checkpoint.
+
+    ``quant_config``: ``QuantConfig.to_dict()`` of the run that produced the model
+    (provenance; loading does not need it).  ``layers``: module name ->
+    ``QuantLinear.spec()``; this table alone decides the buffer shapes on load, so
+    it must describe the modules that are saved (see :func:`sync_quantization`).
+    Unknown keys are kept so a checkpoint written by a newer minor version
+    round-trips unchanged.
+    """
+
+    def __init__(
+        self,
+        quant_config: dict[str, Any] | None = None,
+        layers: dict[str, dict[str, Any]] | None = None,
+        format_version: int = FORMAT_VERSION,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.pop("quant_method", None)
+        self.quant_method = QUANT_METHOD  # a plain str: the transformers mappings are keyed by str
+        self.format_version = int(format_version)
+        if self.format_version > FORMAT_VERSION:
+            raise ValueError(
+                f"this checkpoint uses wct format version {self.format_version}, but the installed wct reads up to "
+                f"version {FORMAT_VERSION}: upgrade wct (pip install -U wct)"
+            )
+        self.quant_config = dict(quant_config or {})
+        self.layers = {str(name): dict(spec) for name, spec in (layers or {}).items()}
+        for name, spec in self.layers.items():
+            if not isinstance(spec.get("format"), dict) or "name" not in spec["format"]:
+                raise ValueError(
+                    f"quantization_config.layers[{name!r}] has no 'format' dict: the config.json is corrupt or was "
+                    "not written by wct; re-save the model with wct.integrations.save_pretrained"
+                )
+        for key, value in kwargs.items():
+            setattr(self, key, value)
+
+    @classmethod
+    def from_model(cls, model: nn.Module, quant_config: QuantConfig | dict[str, Any] | None = None):
+        """The config that describes the QuantLinear modules currently in ``model``."""
+        if isinstance(quant_config, QuantConfig):
+            quant_config = quant_config.to_dict()
+        cfg = cls(quant_config=quant_config, layers=layer_specs(model))
+        try:
+            json.dumps(cfg.to_dict())
+        except TypeError as e:
+            raise ValueError(
+                f"the quantization config is not JSON-serialisable ({e}); keep QuantConfig.extra to plain "
+                "str/int/float/bool/list/dict values"
+            ) from None
+        return cfg
+
+    def to_quant_config(self) -> QuantConfig | None:
+        """Rebuild the :class:`QuantConfig` (unknown keys, e.g. from a newer wct, are dropped with a warning)."""
+        if not self.quant_config:
+            return None
+        known = {f.name for f in fields(QuantConfig)}
+        unknown = sorted(set(self.quant_config) - known)
+        if unknown:
+            log.warning("quantization_config.quant_config has keys this wct does not know: %s (ignored)", unknown)
+        return QuantConfig(**{k: v for k, v in self.quant_config.items() if k in known})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the quantizer transformers calls during from_pretrained
+# ---------------------------------------------------------------------------------------------------------------------
+class WCTHfQuantizer(HfQuantizer):
+    """Loads pre-quantized wct checkpoints; it never quantizes (``requires_calibration``).
+
+    Training flags, as read by ``transformers.trainer_utils.validate_quantization_for_training``:
+
+    * ``is_trainable = True``: required for *any* Trainer run on a model carrying
+      this quantizer, PEFT-wrapped or not.  The packed base is buffers only, so
+      adapters (the WCT tuner, LoRA) train and the base stays frozen.
+    * ``is_qat_trainable = False``: a bare quantized model with no adapter is
+      refused by Trainer ("attach trainable adapters").  With True it would be
+      accepted but only embeddings and norms could change (QuantLinear has no
+      parameters), which is almost always a forgotten ``peft_config`` rather than
+      the intent; the explicit error is the better default.
+    """
+
+    requires_calibration = True
+
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        # Called from get_hf_quantizer and again with the resolved map for string device_maps.
+        device_map = kwargs.get("device_map")
+        if isinstance(device_map, dict) and "disk" in device_map.values():
+            raise ValueError(
+                "wct: disk offload of packed QuantLinear buffers is not supported; use a device_map without 'disk' "
+                "(more CPU memory, or offload_buffers=True with CPU offload)"
+            )
+
+    def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        return dtype  # the compute dtype of the float params; packed buffers keep their own dtypes (meta dtype wins)
+
+    def _process_model_before_weight_loading(self, model: nn.Module, checkpoint_files=None, **kwargs: Any):
+        """Swap every listed Linear for an empty QuantLinear with the exact per-layer buffer shapes.
+
+        Runs inside transformers' meta-device init context, so the skeletons cost no
+        memory.  Then the safetensors headers are checked against them, so a corrupt
+        or stale file fails here naming the module and buffer instead of loading garbage.
+        """
+        for name, spec in self.quantization_config.layers.items():
+            where, module = _resolve_module(model, name)
+            if isinstance(module, QuantLinear):
+                continue
+            in_f, out_f = _linear_shape(where, module)
+            device = next(module.parameters(), torch.empty(0, device="meta")).device
+            try:
+                q = QuantLinear.from_spec(in_f, out_f, spec, device=device)
+            except (ValueError, TypeError, KeyError) as e:
+                raise WCTCheckpointError(f"{where}: bad layer spec in quantization_config ({e})") from None
+            _set_module(model, where, q)
+        if checkpoint_files:
+            _check_files_against_model(model, self.quantization_config.layers, checkpoint_files)
+        return model
+
+    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any):
+        """Restore buffer dtypes that ``_keep_in_fp32_modules`` may have widened, then validate every layer."""
+        for name, spec in self.quantization_config.layers.items():
+            where, module = _resolve_module(model, name)
+            if not isinstance(module, QuantLinear):
+                raise WCTCheckpointError(f"{where}: expected a QuantLinear after loading, found {type(module).__name__}")
+            _restore_buffer_dtypes(where, module, spec)
+            module.validate(where)
+        setattr(model, QUANT_ATTR, {"config": _provenance(self.quantization_config), "layers": layer_specs(model)})
+        return model
+
+    def _dequantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+        """``model.dequantize()``: every QuantLinear becomes a dense ``nn.Linear`` (outliers included)."""
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype, None)
+        dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
+        for name, module in list(model.named_modules()):
+            if isinstance(module, QuantLinear):
+                dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                                  device=module.qweight.device, dtype=dtype)
+                with torch.no_grad():
+                    dense.weight.copy_(module.dequantize_weight(dtype))
+                    if module.bias is not None:
+                        dense.bias.copy_(module.bias.to(dtype))
+                _set_module(model, name, dense)
+        if hasattr(model, QUANT_ATTR):
+            delattr(model, QUANT_ATTR)
+        return model
+
+    def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        return False
+
+
+def _register_all() -> None:
+    """Register ``"wct"`` with transformers, idempotently (re-imports and reloads replace our own entries)."""
+    for mapping, cls, register in (
+        (AUTO_QUANTIZATION_CONFIG_MAPPING, WCTQuantizationConfig, register_quantization_config),
+        (AUTO_QUANTIZER_MAPPING, WCTHfQuantizer, register_quantizer),
+    ):
+        current = mapping.get(QUANT_METHOD)
+        if current is cls:
+            continue
+        if current is not None:
+            if (current.__module__, current.__qualname__) != (cls.__module__, cls.__qualname__):
+                raise RuntimeError(
+                    f"quant_method {QUANT_METHOD!r} is already registered by {current.__module__}.{current.__qualname__}; "
+                    "another package claims the same name; uninstall one of them"
+                )
+            del mapping[QUANT_METHOD]  # a reload of this very module
+        register(QUANT_METHOD)(cls)
+
+
+def is_registered() -> bool:
+    """True when transformers will route ``quant_method="wct"`` to this module."""
+    return (
+        AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is WCTQuantizationConfig
+        and AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is WCTHfQuantizer
+    )
+
+
+_register_all()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# in-memory models: make save_pretrained write a wct checkpoint
+# ---------------------------------------------------------------------------------------------------------------------
+def layer_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Module name -> ``QuantLinear.spec()`` for the QuantLinears in ``model`` (what its state dict holds)."""
+    return {name: m.spec() for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def attach_quantization(model: nn.Module) -> nn.Module:
+    """After :func:`wct.quantize.quantize_model`: make the model look like a loaded wct checkpoint.
+
+    Sets ``config.quantization_config`` (so ``save_pretrained`` writes it to
+    config.json), ``hf_quantizer`` (so the Trainer gate and PEFT see a quantized
+    model) and the ``is_quantized`` / ``quantization_method`` flags.
+    """
+    record = getattr(model, QUANT_ATTR, None)
+    if record is None:
+        raise ValueError(
+            f"{type(model).__name__} carries no wct quantization record: run wct.quantize_model(model, config) first "
+            "(or load a wct checkpoint with wct.integrations.load_quantized)"
+        )
+    if not hasattr(model, "config"):
+        raise TypeError(f"{type(model).__name__} has no .config: attach_quantization needs a transformers PreTrainedModel")
+    _check_not_peft(model, "attach_quantization")
+    _check_no_tied_quantlinear(model)
+    qc = WCTQuantizationConfig.from_model(model, record.get("config"))
+    if not qc.layers:
+        raise ValueError("the model holds no QuantLinear layers; nothing to attach")
+    record["layers"] = dict(qc.layers)
+    model.config.quantization_config = qc
+    model.config._is_quantized = True
+    model.hf_quantizer = WCTHfQuantizer(qc, pre_quantized=True)
+    model.is_quantized = True
+    model.quantization_method = QUANT_METHOD
+    return model
+
+
+def sync_quantization(model: nn.Module) -> nn.Module:
+    """Rebuild ``quantization_config.layers`` from the QuantLinears currently in ``model``.
+
+    Needed whenever layers change after quantization, e.g. LoRA ``merge_and_unload()``
+    turns some QuantLinears into dense ``nn.Linear``: a stale table would make the
+    next load build packed skeletons for dense weights.  When no QuantLinear is
+    left, the quantization state is removed and the model saves as a plain one.
+    """
+    _check_not_peft(model, "sync_quantization")
+    layers = layer_specs(model)
+    qc = getattr(getattr(model, "config", None), "quantization_config", None)
+    if qc is not None and not isinstance(qc, WCTQuantizationConfig):
+        if layers:
+            raise ValueError(
+                f"the model carries a non-wct quantization_config ({getattr(qc, 'quant_method', qc)!r}) and wct "
+                "QuantLinear layers at the same time; wct cannot describe that mix"
+            )
+        return model  # another quantizer's model: not ours to touch
+    if not layers:
+        if qc is not None:
+            quantizer = getattr(model, "hf_quantizer", None)
+            if quantizer is not None:
+                quantizer.remove_quantization_config(model)  # drops hf_quantizer, config.quantization_config, flags
+            else:
+                del model.config.quantization_config
+                model.is_quantized = False
+            model.config._is_quantized = False
+        if hasattr(model, QUANT_ATTR):
+            delattr(model, QUANT_ATTR)
+        return model
+    _check_no_tied_quantlinear(model)
+    if qc is None:
+        if getattr(model, QUANT_ATTR, None) is None:
+            setattr(model, QUANT_ATTR, {"config": None, "layers": layers})
+        return attach_quantization(model)
+    qc.layers = layers
+    record = getattr(model, QUANT_ATTR, None)
+    if record is None:
+        setattr(model, QUANT_ATTR, {"config": _provenance(qc), "layers": dict(layers)})
+    else:
+        record["layers"] = dict(layers)
+    if getattr(model, "hf_quantizer", None) is None:
+        model.hf_quantizer = WCTHfQuantizer(qc, pre_quantized=True)
+        model.is_quantized, model.quantization_method = True, QUANT_METHOD
+        model.config._is_quantized = True
+    return model
+
+
+def quantize_model(
+    model: nn.Module,
+    config: QuantConfig | None = None,
+    calibration: torch.Tensor | None = None,
+    progress: bool = True,
+) -> nn.Module:
+    """Quantize ``model`` in place (:func:`wct.quantize.quantize_model`) and attach the wct quantizer.
+
+    Afterwards ``model.save_pretrained(dir)`` (or the atomic :func:`save_pretrained`)
+    writes a packed checkpoint that ``AutoModelForCausalLM.from_pretrained(dir)``
+    loads back bit for bit, after ``import wct``.  A plain ``nn.Module`` (no
+    ``.config``) is only quantized: there is no config.json to attach to.
+    """
+    if config is not None and config.include_lm_head and _ties_output_embedding(model):
+        raise ValueError(
+            "include_lm_head=True, but lm_head is tied to the input embedding (config.tie_word_embeddings=True): a "
+            "tied lm_head cannot be packed. Quantize with include_lm_head=False, or untie it first"
+        )
+    _quantize_modules(model, config, calibration=calibration, progress=progress)
+    if not hasattr(model, "config"):  # a plain nn.Module: nothing to describe in a config.json
+        return model
+    return attach_quantization(model)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# checkpoint I/O
+# ---------------------------------------------------------------------------------------------------------------------
+def save_pretrained(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    overwrite: bool = False,
+    tokenizer: Any = None,
+    **kwargs: Any,
+) -> str:
+    """Save ``model`` (and ``tokenizer``) to ``out_dir`` atomically; returns the directory.
+
+    Why atomic: a checkpoint is several files; a crash or a full disk halfway must
+    never leave a directory that looks complete.  Everything is written into a
+    temporary sibling (same filesystem, so ``rename`` is atomic), fsynced, then
+    renamed into place.  With ``overwrite=True`` an existing copy is renamed away
+    only once the new one is complete, and deleted last.
+    """
+    if kwargs.pop("push_to_hub", False):
+        raise ValueError("save_pretrained(push_to_hub=True) is not atomic: save first, then call model.push_to_hub(...)")
+    if kwargs.get("safe_serialization") is False:
+        raise ValueError("wct checkpoints are safetensors only (no pickle): drop safe_serialization=False")
+    out = os.path.abspath(os.fspath(out_dir))
+    parent, base = os.path.dirname(out), os.path.basename(out)
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise FileExistsError(f"{out} exists and is not a directory: choose another path or remove it")
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise FileExistsError(
+            f"{out} already exists and is not empty: pass overwrite=True to replace it (the old copy is kept until "
+            "the new one is complete)"
+        )
+    if not _is_peft(model):  # a PEFT wrapper saves only its adapter; the base's table is not written
+        sync_quantization(model)  # the spec table must describe exactly the modules being saved
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
+    try:
+        model.save_pretrained(tmp, **kwargs)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        _fsync_tree(tmp)
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load_quantized(path: str | os.PathLike, auto_class: Any = None, **kwargs: Any) -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **kwargs)`` with wct's checks.
+
+    Refuses pickle checkpoints, and refuses to return a model that silently lost
+    its quantization: without the ``"wct"`` registration transformers only logs a
+    warning and builds randomly initialised dense Linears.  ``auto_class``: another
+    auto class or model class (default ``AutoModelForCausalLM``).
+    """
+    if auto_class is None:
+        from transformers import AutoModelForCausalLM as auto_class  # lazy: half a second at import time
+    if kwargs.get("use_safetensors") is False:
+        raise ValueError("wct loads safetensors checkpoints only (no pickle): drop use_safetensors=False")
+    kwargs["use_safetensors"] = True
+    path = os.fspath(path)
+    expects_wct = False
+    if os.path.isdir(path):
+        names = os.listdir(path)
+        if not any(n.endswith(".safetensors") for n in names):
+            pickles = sorted(n for n in names if n.endswith((".bin", ".pt", ".pth", ".ckpt")))
+            if pickles:
+                raise ValueError(
+                    f"{path} holds only pickle weights ({', '.join(pickles)}); wct loads safetensors only because "
+                    "unpickling can run arbitrary code. Convert it in a trusted environment: load it with "
+                    "transformers and re-save with wct.integrations.save_pretrained"
+                )
+        cfg_file = os.path.join(path, "config.json")
+        if os.path.isfile(cfg_file):
+            with open(cfg_file, encoding="utf-8") as f:
+                qc = json.load(f).get("quantization_config") or {}
+            expects_wct = isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
+            if expects_wct and not is_registered():
+                raise RuntimeError(_unregistered_message(path))
+    model = auto_class.from_pretrained(path, **kwargs)
+    qc = getattr(model.config, "quantization_config", None)
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    if expects_wct or method == QUANT_METHOD:
+        if not isinstance(getattr(model, "hf_quantizer", None), WCTHfQuantizer) or not layer_specs(model):
+            raise RuntimeError(_unregistered_message(path))
+    return model
+
+
+def _provenance(qc: WCTQuantizationConfig) -> QuantConfig | None:
+    """The QuantConfig a checkpoint was made with, or None: provenance only, it must never block loading."""
+    try:
+        return qc.to_quant_config()
+    except (TypeError, ValueError) as e:
+        log.warning("could not rebuild the QuantConfig stored in quantization_config (%s); using None", e)
+        return None
+
+
+def _unregistered_message(path: str) -> str:
+    return (
+        f"{path} is a wct checkpoint (quantization_config.quant_method='wct'), but the 'wct' quantizer is not "
+        "registered with transformers, so its packed layers would load as randomly initialised Linears. "
+        "Run `import wct` before loading it."
+    )
+
+
+def read_safetensors_header(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Tensor name -> (shape, dtype code) from a safetensors file, reading only its header.
+
+    Also checks that the file is as long as the header says: a truncated download
+    or an interrupted copy fails here with the file named, not deep in the loader.
+    """
+    path = os.fspath(path)
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or n > size - 8:
+            raise WCTCheckpointError(f"{path}: not a complete safetensors file (truncated or corrupt header)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise WCTCheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise WCTCheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    out: dict[str, tuple[tuple[int, ...], str]] = {}
+    end = 0
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            out[key] = (tuple(int(s) for s in info["shape"]), str(info["dtype"]))
+            end = max(end, int(info["data_offsets"][1]))
+        except (KeyError, TypeError, ValueError, IndexError):
+            raise WCTCheckpointError(f"{path}: corrupt safetensors header entry for {key!r}") from None
+    if 8 + n + end > size:
+        raise WCTCheckpointError(
+            f"{path}: truncated: the header needs {8 + n + end} bytes but the file has {size}; re-download or re-save it"
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------------------------------
+def _name_candidates(model: nn.Module, name: str) -> list[str]:
+    """``name`` as written at save time, and with/without the base-model prefix (CausalLM vs bare model)."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    cands = [name]
+    if prefix:
+        if name.startswith(prefix + "."):
+            cands.append(name[len(prefix) + 1:])
+        else:
+            cands.append(f"{prefix}.{name}")
+    return cands
+
+
+def _resolve_module(model: nn.Module, name: str) -> tuple[str, nn.Module]:
+    for cand in _name_candidates(model, name):
+        try:
+            return cand, model.get_submodule(cand)
+        except AttributeError:
+            continue
+    raise WCTCheckpointError(
+        f"quantization_config lists layer {name!r}, but {type(model).__name__} has no such module: the checkpoint "
+        "was saved from a different architecture, or its config.json was edited"
+    )
+
+
+def _linear_shape(name: str, module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an ``nn.Linear`` or a transformers ``Conv1D`` (weight stored ``[in, out]``)."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nx") and hasattr(module, "nf"):
+        return int(module.nx), int(module.nf)
+    raise WCTCheckpointError(
+        f"{name}: quantization_config lists it as a quantized Linear, but the model has a {type(module).__name__} there"
+    )
+
+
+def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def _check_files_against_model(model: nn.Module, layers: dict[str, dict], files: Iterable) -> None:
+    """Compare the safetensors headers with the QuantLinear skeletons: every buffer present, right shape and dtype."""
+    files = [os.fspath(f) for f in files if os.fspath(f).endswith(".safetensors")]
+    if not files:
+        return
+    tensors: dict[str, tuple[tuple[int, ...], str]] = {}
+    for f in files:
+        tensors.update(read_safetensors_header(f))
+    listed: set[str] = set()
+    for name in layers:
+        where, module = _resolve_module(model, name)
+        in_file = next((c for c in _name_candidates(model, where) if f"{c}.qweight" in tensors), where)
+        listed.add(in_file)
+        expected = {b: (tuple(t.shape), _ST_DTYPE.get(t.dtype, str(t.dtype))) for b, t in module.named_buffers(recurse=False)}
+        for buf, (shape, dtype) in expected.items():
+            got = tensors.get(f"{in_file}.{buf}")
+            if got is None:
+                raise WCTCheckpointError(
+                    f"{where}: buffer '{buf}' is missing from the checkpoint; the file does not match its "
+                    "quantization_config (partial copy, or saved without sync_quantization)"
+                )
+            if got[0] != shape or got[1] != dtype:
+                raise WCTCheckpointError(
+                    f"{where}: buffer '{buf}' in the checkpoint is {list(got[0])} {got[1]}, but its layer spec needs "
+                    f"{list(shape)} {dtype}; the file is corrupt or does not belong to this config.json"
+                )
+        extra = sorted(k for k in tensors if k.startswith(in_file + ".") and k[len(in_file) + 1:] not in expected)
+        extra = [k for k in extra if "." not in k[len(in_file) + 1:]]
+        if extra:
+            raise WCTCheckpointError(
+                f"{where}: the checkpoint holds {extra} that a packed layer with this spec does not have; "
+                "the config.json and the weights are out of sync"
+            )
+    stale = sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight") and k[: -len(".qweight")] not in listed)
+    if stale:
+        raise WCTCheckpointError(
+            f"the checkpoint holds packed weights for {stale[:5]}{' ...' if len(stale) > 5 else ''} that "
+            "quantization_config.layers does not list; re-save with wct.integrations.save_pretrained (it syncs "
+            "the layer table)"
+        )
+
+
+def _restore_buffer_dtypes(name: str, module: QuantLinear, spec: dict[str, Any]) -> None:
+    """Undo dtype overrides of the loader (``_keep_in_fp32_modules`` loads fp16 buffers as fp32).
+
+    The reference is the layer spec from config.json, not the module (whose bias
+    dtype may itself have been widened).  Only exact round trips are undone
+    (fp16 -> fp32 -> fp16 is lossless); any other mismatch is an error.
+    """
+    ref = QuantLinear.from_spec(module.in_features, module.out_features, spec, device="meta")
+    for buf, want in ref.named_buffers(recurse=False):
+        have = module._buffers.get(buf)
+        if have is None:
+            raise WCTCheckpointError(f"{name}: buffer '{buf}' was not loaded")
+        if tuple(have.shape) != tuple(want.shape):
+            raise WCTCheckpointError(
+                f"{name}: buffer '{buf}' has shape {list(have.shape)}, but its layer spec needs {list(want.shape)}"
+            )
+        if have.dtype == want.dtype:
+            continue
+        if have.is_floating_point() and want.is_floating_point():
+            back = have.to(want.dtype)
+            if torch.equal(back.to(have.dtype), have):
+                module._buffers[buf] = back
+                continue
+        raise WCTCheckpointError(
+            f"{name}: buffer '{buf}' loaded as {have.dtype}, but its layer spec needs {want.dtype} and the values do "
+            "not convert exactly; the checkpoint does not match its config"
+        )
+
+
+def _is_peft(model: nn.Module) -> bool:
+    return any(c.__name__ in ("PeftModel", "PeftMixedModel") for c in type(model).__mro__)
+
+
+def _check_not_peft(model: nn.Module, what: str) -> None:
+    """PEFT wrappers rename layers (``base_model.model.…base_layer``); the table must use the saved names."""
+    if _is_peft(model):
+        raise ValueError(
+            f"{what} got a {type(model).__name__}: call merge_and_unload() (or unload()) first, so that layer names "
+            "match what save_pretrained writes"
+        )
+
+
+def _ties_output_embedding(model: nn.Module) -> bool:
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return False
+    tied = getattr(cfg, "tie_word_embeddings", False)
+    if callable(getattr(cfg, "get_text_config", None)):
+        tied = getattr(cfg.get_text_config(decoder=True), "tie_word_embeddings", tied)
+    return bool(tied)
+
+
+def _check_no_tied_quantlinear(model: nn.Module) -> None:
+    """A packed lm_head cannot stay tied: on load transformers re-ties ``lm_head.weight``, which QuantLinear lacks."""
+    get_out = getattr(model, "get_output_embeddings", None)
+    if get_out is not None and _ties_output_embedding(model) and isinstance(get_out(), QuantLinear):
+        raise ValueError(
+            "the output embedding (lm_head) is a QuantLinear but config.tie_word_embeddings=True: a tied lm_head "
+            "cannot be packed. Quantize with include_lm_head=False, or untie it (config.tie_word_embeddings=False) first"
+        )
+
+
+def _fsync_tree(root: str) -> None:
+    """Flush every file and directory under ``root`` to disk (rename is only atomic for data that is on disk)."""
+    for dirpath, _dirs, files in os.walk(root):
+        for fn in files:
+            fd = os.open(os.path.join(dirpath, fn), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(dirpath)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. platforms that cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _swap_into_place(tmp: str, out: str) -> None:
+    """Rename the finished ``tmp`` to ``out``; an existing ``out`` is moved away first and deleted last."""
+    parent = os.path.dirname(out)
+    if not os.path.isdir(out):
+        os.rename(tmp, out)
+        _fsync_dir(parent)
+        return
+    if not os.listdir(out):
+        os.rmdir(out)
+        os.rename(tmp, out)
+        _fsync_dir(parent)
+        return
+    old = os.path.join(parent, f".{os.path.basename(out)}.old-{uuid.uuid4().hex[:8]}")
+    os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(old, out)  # put the previous copy back
+        raise
+    _fsync_dir(parent)
+    shutil.rmtree(old, ignore_errors=True)
