@@ -72,3 +72,23 @@ SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "dat
 
 def shared_data(*parts: str) -> str:
     return os.path.normpath(os.path.join(SHARED_DATA, *parts))
+
+
+def make_tiny_tokenizer(vocab_size: int = 128):
+    """A whitespace word-level tokenizer over ``w0 .. w{n}`` whose ids fit the tiny models' vocab."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "[EOS]": 1, "[PAD]": 2}
+    for i in range(vocab_size - len(vocab)):
+        vocab[f"w{i}"] = len(vocab)
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="[EOS]", pad_token="[PAD]")
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }} [EOS] {% endfor %}"
+    return tok
+
+
+def tiny_text(n_words: int, seed: int = 0, vocab_size: int = 128) -> str:
+    g = torch.Generator().manual_seed(seed)
+    return " ".join(f"w{int(i)}" for i in torch.randint(0, vocab_size - 3, (n_words,), generator=g))

@@ -21,13 +21,9 @@ METHOD_CHOICES = ("rtn", "gptq", "owq", "gwq", "nf4", "af4", "bof4", "bof4s")
 
 
 def _is_wct_checkpoint(path: str | None) -> bool:
-    if not path or not os.path.isdir(path):
-        return False
-    cfg = Path(path) / "config.json"
-    if not cfg.exists():
-        return False
-    q = json.loads(cfg.read_text()).get("quantization_config") or {}
-    return q.get("quant_method") == "wct"
+    from wct.integrations.transformers import is_wct_checkpoint
+
+    return is_wct_checkpoint(path)
 
 
 def load_any(name_or_path: str | None):

@@ -250,6 +250,18 @@ _register_all()
 # ---------------------------------------------------------------------------------------------------------------------
 # in-memory models: make save_pretrained write a wct checkpoint
 # ---------------------------------------------------------------------------------------------------------------------
+def is_wct_checkpoint(path: str | os.PathLike | None) -> bool:
+    """True for a directory whose config.json declares ``quantization_config.quant_method == "wct"``."""
+    if not path or not os.path.isdir(path):
+        return False
+    cfg = os.path.join(path, "config.json")
+    if not os.path.exists(cfg):
+        return False
+    with open(cfg) as f:
+        q = json.load(f).get("quantization_config") or {}
+    return q.get("quant_method") == QUANT_METHOD
+
+
 def layer_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
     """Module name -> ``QuantLinear.spec()`` for the QuantLinears in ``model`` (what its state dict holds)."""
     return {name: m.spec() for name, m in model.named_modules() if isinstance(m, QuantLinear)}

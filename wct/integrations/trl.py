@@ -1,0 +1,102 @@
+"""TRL glue for the recipes: argument dataclasses and "quantize once, train everywhere".
+
+Recipes stay short scripts over ``SFTTrainer``; what they share lives here:
+
+* :class:`WCTSFTConfig`: TRL's ``SFTConfig`` whose ``bf16`` default follows the
+  hardware (TRL defaults to bf16 and refuses to start on a CPU-only machine).
+* :class:`QuantArguments`: how the frozen base is made (method, bits, budget,
+  calibration), as flags and YAML keys.
+* :func:`prepare_base`: loads an already packed checkpoint, or quantizes the
+  model once — on the main process, saved under ``output_dir/quantized_base`` —
+  and lets the other processes of a DDP run load that copy, so every rank
+  trains over bit-identical bases.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from trl import SFTConfig
+
+
+@dataclass
+class WCTSFTConfig(SFTConfig):
+    bf16: bool | None = field(
+        default=None, metadata={"help": "bf16 mixed precision (default: on when a CUDA GPU is present, off on CPU)."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.bf16 is None:
+            self.bf16 = bool(torch.cuda.is_available() and not self.fp16)
+        super().__post_init__()
+
+
+@dataclass
+class QuantArguments:
+    quant_method: str = field(default="owq", metadata={"help": "rtn | gptq | owq | gwq | nf4 | af4 | bof4 | bof4s"})
+    wbits: int = field(default=3, metadata={"help": "integer bits for rtn/gptq/owq/gwq"})
+    target_bits: float | None = field(default=3.01, metadata={"help": "OWQ average bits incl. 16-bit weak columns"})
+    group_size: int | None = field(default=None, metadata={"help": "integer group size (default per channel)"})
+    block_size: int = field(default=64, metadata={"help": "codebook block size"})
+    opq: bool = field(default=False, metadata={"help": "OPQ 16-bit outliers for codebook formats"})
+    outlier_ratio: float = field(default=0.01, metadata={"help": "GWQ outlier fraction"})
+    calib: str | None = field(default=None, metadata={"help": "calibration file/dataset (default: the training data)"})
+    calib_samples: int = field(default=32, metadata={"help": "calibration windows"})
+    calib_seq_len: int = field(default=512, metadata={"help": "calibration window length"})
+    quantized_base: str | None = field(default=None, metadata={"help": "an already packed wct checkpoint to train on"})
+    wct_trainable: str = field(default="weak_columns", metadata={"help": "weak_columns | outliers | all"})
+    wct_create_columns: int = field(default=0, metadata={"help": "split k 16-bit columns per layer out of a base without them"})
+    eval_size: int = field(default=500, metadata={"help": "records held out for evaluation (fixed shuffle by --seed)"})
+    merged_dir: str | None = field(default=None, metadata={"help": "where to save the merged packed model (default output_dir/merged)"})
+
+    def quant_config(self):
+        from wct.quantize import QuantConfig
+
+        tb = self.target_bits if self.quant_method == "owq" else None
+        return QuantConfig(method=self.quant_method, wbits=self.wbits, target_bits=tb, group_size=self.group_size,
+                           block_size=self.block_size, opq=self.opq, outlier_ratio=self.outlier_ratio)
+
+
+def _calibration(qargs: QuantArguments, tok, train_records: list[dict] | None):
+    from wct.data import get_calibration_windows, records_to_stream, sample_windows
+
+    if qargs.calib:
+        return get_calibration_windows(qargs.calib, tok, n_samples=qargs.calib_samples, seq_len=qargs.calib_seq_len)
+    if not train_records:
+        raise ValueError("no calibration data: pass --calib FILE or a training dataset")
+    stream = records_to_stream(train_records, tok, seed=0, progress=False)
+    return sample_windows(stream, qargs.calib_samples, min(qargs.calib_seq_len, stream.numel() // 2), seed=0)
+
+
+def prepare_base(model_name_or_path: str | None, qargs: QuantArguments, output_dir: str,
+                 train_records: list[dict] | None = None) -> tuple[Any, Any]:
+    """(quantized model, tokenizer); quantizes on the main process only, others load its copy."""
+    from accelerate import PartialState
+    from transformers import AutoTokenizer
+
+    from wct.integrations.transformers import is_wct_checkpoint, load_quantized, quantize_model, save_pretrained
+    from wct.models import load_model
+
+    src = qargs.quantized_base or (model_name_or_path if is_wct_checkpoint(model_name_or_path) else None)
+    if src:
+        return load_quantized(src), AutoTokenizer.from_pretrained(src)
+    base_dir = Path(output_dir) / "quantized_base"
+    state = PartialState()
+    with state.main_process_first():
+        if state.is_main_process and not is_wct_checkpoint(str(base_dir)):
+            model, tok = load_model(model_name_or_path)
+            calib = None
+            cfg = qargs.quant_config()
+            if cfg.calibrated:
+                calib = _calibration(qargs, tok, train_records)
+            quantize_model(model, cfg, calibration=calib)
+            save_pretrained(model, base_dir, overwrite=True, tokenizer=tok)
+    return load_quantized(str(base_dir)), AutoTokenizer.from_pretrained(str(base_dir))
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
