@@ -142,3 +142,14 @@ def test_opq_mask_flags_heavy_tails_only():
     assert frac_gauss < 0.002
     assert bool(m[::17, 5::64].all())
     assert m.sum() < 2 * m[::17, 5::64].numel() + 0.002 * w.numel()
+
+
+def test_outliers_only_inside_weak_columns_give_no_sparse_part():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 8)
+    mask = torch.zeros(8, 64, dtype=torch.bool)
+    mask[:, 3] = True
+    layer = QuantLinear.from_linear(lin, get_format("int4"), weak_columns=torch.tensor([3]), outlier_mask=mask)
+    assert layer.nnz == 0 and layer.n_weak == 1
+    x = torch.randn(2, 64)
+    assert torch.allclose(layer(x), F.linear(x, layer.dequantize_weight(), layer.bias), atol=1e-5)

@@ -38,17 +38,27 @@ from wct.integrations import (  # noqa: E402  (importing registers quant_method=
     save_pretrained,
     sync_quantization,
 )
+from wct.integrations.peft import load_adapter, register_wct_peft  # noqa: E402
+from wct.tuners import QuantLoraLinear, WCTConfig, create_weak_columns, prepare_for_training  # noqa: E402
+
+register_wct_peft()
 
 __all__ = [
     "QuantConfig",
     "QuantLinear",
+    "QuantLoraLinear",
+    "WCTConfig",
     "QuantizedTensor",
     "__version__",
     "attach_quantization",
+    "create_weak_columns",
     "get_format",
+    "load_adapter",
     "load_quantized",
     "model_bits",
+    "prepare_for_training",
     "quantize_model",
+    "register_wct_peft",
     "save_pretrained",
     "sync_quantization",
 ]

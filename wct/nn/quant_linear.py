@@ -103,13 +103,14 @@ class QuantLinear(nn.Module):
             cols.validate(out_f, in_f)
             keep = keep_index(in_f, cols.idx)
         sparse = None
-        if outlier_mask is not None and bool(outlier_mask.any()):
+        if outlier_mask is not None:
             if outlier_mask.shape != w.shape:
                 raise ValueError(f"outlier_mask shape {tuple(outlier_mask.shape)} != weight shape {tuple(w.shape)}")
             mask = outlier_mask.to(torch.bool).clone()
             if cols is not None:
                 mask[:, cols.idx.long()] = False  # a weak column already keeps these
-            sparse = SparseOutliers.from_mask(w, mask, odt)
+            if bool(mask.any()):
+                sparse = SparseOutliers.from_mask(w, mask, odt)
         base_w = w[:, keep]
         if qweight is None:
             if sparse is not None:

@@ -1,0 +1,131 @@
+"""``WCTConfig``: Weak Column Tuning as a PEFT method (string ``peft_type`` ``"WCT"``).
+
+WCT trains the 16-bit parts a quantized base already stores next to its packed
+weights: the weak columns (OWQ) and/or the sparse outliers (GWQ, OPQ).  The
+packed base never changes, so the adapter is tiny (``k · out`` values per
+layer), training needs no dense weight, and merging is exact.
+
+Every dataclass field lands in ``adapter_config.json``.  The fields must fully
+determine the adapter's shapes, because PEFT builds the layers first and then
+copies the saved tensors into them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from peft import PeftConfig
+
+TRAINABLE = ("weak_columns", "outliers", "all")
+CREATE_SCORES = ("hessian_error", "activation", "weight")
+DATA_FREE_SCORES = ("weight",)
+ADAPTER_DTYPES = ("float32", "bfloat16", "float16")
+ALL_LINEAR = "all-linear"
+WCT_PREFIX = "wct_"
+
+
+class PeftTypeStr(str):
+    """A plain string that also answers ``.value`` like a ``PeftType`` enum member.
+
+    PEFT 0.21 has no registration API for new method names (``register_peft_method``
+    only accepts members of its ``PeftType`` enum), so WCT uses the string ``"WCT"``.
+    A few PEFT code paths call ``peft_type.value``; a ``str`` subclass satisfies both
+    the dict look-ups (hash/eq of ``"WCT"``) and those attribute reads.
+    """
+
+    @property
+    def value(self) -> str:
+        return str.__str__(self)
+
+
+WCT_PEFT_TYPE = PeftTypeStr("WCT")
+
+
+@dataclass
+class WCTConfig(PeftConfig):
+    """Configuration of a Weak Column Tuning adapter.
+
+    Args:
+        target_modules: which ``QuantLinear`` layers to tune. ``"all-linear"`` (default)
+            means every ``QuantLinear`` except the output embedding (as PEFT does for
+            LoRA); otherwise a list of names/suffixes or a regex, as in PEFT.
+        exclude_modules: names/suffixes or a regex of modules to leave alone.
+        trainable: ``"weak_columns"`` (the ``[out, k]`` 16-bit columns), ``"outliers"``
+            (the sparse 16-bit values) or ``"all"``. Layers that hold none of the chosen
+            kind are left unwrapped.
+        create_columns: when ``> 0``, a targeted ``QuantLinear`` without weak columns
+            gets ``k`` of its columns split out of the packed base into 16-bit
+            trainable columns at injection time (``create_score`` picks them). Only the
+            data-free ``"weight"`` score works here; for the calibrated scores call
+            :func:`wct.tuners.wct.create_weak_columns` on the model first.
+        create_score: ``"weight"`` (column norm of the dequantized base, a weak proxy:
+            see :mod:`wct.tuners.wct.create`), ``"hessian_error"`` or ``"activation"``
+            (both need calibration statistics, hence :func:`create_weak_columns`).
+        modules_to_save: extra modules trained in full and saved with the adapter.
+            Use dotted names such as ``"model.norm"``: PEFT matches these by suffix, so
+            ``"norm"`` would also catch every ``input_layernorm``.
+        base_fingerprint: sha256 of the packed base of the targeted layers (buffers and
+            outlier indices, not the trainable values). Filled when the adapter is
+            created; checked when it is loaded. Set it to ``None`` to reuse a config on
+            a new base on purpose.
+        adapter_dtype: dtype of the trainable values. ``"float32"`` (default) keeps
+            master copies of values that are *stored* in 16-bit: Adam updates of
+            ``lr · 1e-3`` relative size vanish in fp16/bf16 arithmetic. The cost is
+            ``4 · k · out`` bytes per layer, negligible beside the base. PEFT's
+            ``autocast_adapter_dtype=True`` (its default) upcasts 16-bit adapters to
+            fp32 anyway; a 16-bit ``adapter_dtype`` only sticks with
+            ``autocast_adapter_dtype=False``.
+    """
+
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=ALL_LINEAR,
+        metadata={"help": "QuantLinear layers to tune: 'all-linear', a list of names/suffixes, or a regex."},
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Names/suffixes or a regex of modules not to tune."}
+    )
+    trainable: str = field(
+        default="weak_columns", metadata={"help": "What to train: 'weak_columns', 'outliers' or 'all'."}
+    )
+    create_columns: int = field(
+        default=0, metadata={"help": "Split this many 16-bit columns out of bases that have none (0: never)."}
+    )
+    create_score: str = field(
+        default="weight", metadata={"help": "How create_columns picks columns; only 'weight' needs no data."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Extra modules trained in full and saved with the adapter."}
+    )
+    base_fingerprint: Optional[str] = field(
+        default=None, metadata={"help": "sha256 of the packed base this adapter was trained on (filled automatically)."}
+    )
+    adapter_dtype: str = field(default="float32", metadata={"help": "dtype of the trainable values."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # also re-applied when a config is read back from adapter_config.json (a plain "WCT")
+        self.peft_type = WCT_PEFT_TYPE
+        if self.trainable not in TRAINABLE:
+            raise ValueError(f"trainable must be one of {TRAINABLE}, got {self.trainable!r}")
+        if self.adapter_dtype not in ADAPTER_DTYPES:
+            raise ValueError(f"adapter_dtype must be one of {ADAPTER_DTYPES}, got {self.adapter_dtype!r}")
+        if self.create_score not in CREATE_SCORES:
+            raise ValueError(f"create_score must be one of {CREATE_SCORES}, got {self.create_score!r}")
+        if not isinstance(self.create_columns, int) or self.create_columns < 0:
+            raise ValueError(f"create_columns must be an int >= 0, got {self.create_columns!r}")
+        if self.create_columns and self.trainable == "outliers":
+            raise ValueError(
+                "create_columns makes weak columns, but trainable='outliers' would not train them; "
+                "use trainable='weak_columns' or 'all'"
+            )
+        if self.create_columns and self.create_score not in DATA_FREE_SCORES:
+            raise ValueError(
+                f"create_score={self.create_score!r} needs calibration statistics, which a config cannot carry. "
+                "Call wct.tuners.wct.create_weak_columns(model, k, calibration=...) before get_peft_model "
+                "(and leave create_columns=0), or use create_score='weight'"
+            )
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)

@@ -1,0 +1,244 @@
+"""``WCTModel``: the PEFT tuner that wraps targeted ``QuantLinear`` layers in ``WCTLayer``.
+
+Most of the work is PEFT's generic ``BaseTuner`` (matching, trainable marking,
+saving everything on a tuner layer except ``base_layer``, unloading).  What is
+specific to WCT:
+
+* ``"all-linear"`` means every ``QuantLinear`` except the output embedding
+  (PEFT's own expansion only sees ``nn.Linear``);
+* the base fingerprint is recorded when an adapter is created and checked when
+  one is loaded (:func:`base_fingerprint`);
+* ``create_columns`` splits weak columns out of bases that have none.
+
+Also here: :func:`prepare_for_training`, the ``prepare_model_for_kbit_training``
+counterpart for wct models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from typing import Any, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule, check_target_module_exists
+from torch import nn
+
+from wct.nn import QuantLinear
+
+from .config import ALL_LINEAR, WCT_PREFIX, WCTConfig
+from .create import column_scores, output_embedding, pick_columns, record_layer_spec, split_weak_columns
+from .layer import WCTLayer, trains_columns, trains_sparse
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# finding and fingerprinting the targets
+# ---------------------------------------------------------------------------------------------------------------------
+def quant_linear_layers(model: nn.Module, include_output_embedding: bool = False) -> dict[str, QuantLinear]:
+    """Name -> ``QuantLinear`` for every quantized layer, seen through existing tuner wrappers.
+
+    A ``QuantLinear`` already wrapped by a tuner layer is reported under the
+    wrapper's name (that is the name PEFT matches), never as ``….base_layer``.
+    """
+    out_emb = None if include_output_embedding else output_embedding(model)
+    found: dict[str, QuantLinear] = {}
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(p) for p in inside):
+            continue
+        if isinstance(module, BaseTunerLayer):
+            inside.append(name + ".")
+            base = module.get_base_layer()
+            if isinstance(base, QuantLinear) and module is not out_emb and base is not out_emb:
+                found[name] = base
+        elif isinstance(module, QuantLinear) and module is not out_emb:
+            found[name] = module
+    return found
+
+
+def _targets(config: WCTConfig, model: nn.Module) -> dict[str, QuantLinear]:
+    return {
+        n: m for n, m in quant_linear_layers(model, include_output_embedding=True).items()
+        if (r := check_target_module_exists(config, n)) and not isinstance(r, _ExcludedModule)
+    }
+
+
+def _tensor_bytes(t: torch.Tensor):
+    t = t.detach().contiguous().cpu().reshape(-1)
+    return t.view(torch.uint8).numpy()
+
+
+def base_fingerprint(layers: dict[str, QuantLinear]) -> str:
+    """sha256 over the frozen part of ``layers``: names, specs, packed buffers, outlier indices, bias.
+
+    The trainable outlier *values* are left out on purpose: they are what an
+    adapter (or a merge) changes, while everything hashed here must be identical
+    for an adapter to mean the same thing.  Cost: one pass over the packed bytes
+    (about 1 GB/s), i.e. seconds for a 7B model.
+    """
+    h = hashlib.sha256()
+    for name in sorted(layers):
+        layer = layers[name]
+        h.update(name.encode())
+        h.update(json.dumps(layer.spec(), sort_keys=True).encode())
+        tensors = dict(layer.quantized_base().data)
+        for extra in ("col_idx", "sp_rowptr", "sp_cols", "bias"):
+            t = getattr(layer, extra, None)
+            if t is not None:
+                tensors[extra] = t
+        for key in sorted(tensors):
+            t = tensors[key]
+            h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(_tensor_bytes(t))
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the tuner
+# ---------------------------------------------------------------------------------------------------------------------
+class WCTModel(BaseTuner):
+    """Creates Weak Column Tuning adapters; use through ``get_peft_model(model, WCTConfig(...))``."""
+
+    prefix: str = WCT_PREFIX
+    tuner_layer_cls = WCTLayer
+    target_module_mapping: dict[str, list[str]] = {}  # target_modules=None means "all-linear"
+
+    def _prepare_adapter_config(self, peft_config: WCTConfig, model_config: dict) -> WCTConfig:
+        if peft_config.target_modules is None:
+            peft_config.target_modules = ALL_LINEAR
+        return peft_config
+
+    def _prepare_model(self, peft_config: WCTConfig, model: nn.Module) -> None:
+        """Resolve "all-linear", check there is something to train, and record/verify the base fingerprint."""
+        tm = peft_config.target_modules
+        if isinstance(tm, str) and tm.lower() == ALL_LINEAR:
+            peft_config.target_modules = set(quant_linear_layers(model))
+        targets = _targets(peft_config, model)
+        if not targets:
+            raise ValueError(
+                f"WCT found no QuantLinear matching target_modules={peft_config.target_modules!r}: WCT tunes the "
+                "16-bit parts of wct-quantized layers, so quantize the model first (wct.quantize_model) and target "
+                "those layers"
+            )
+        wants_cols = peft_config.trainable in ("weak_columns", "all")
+        if not any(
+            trains_columns(m, peft_config.trainable) or trains_sparse(m, peft_config.trainable)
+            or (wants_cols and peft_config.create_columns and m.n_weak == 0)
+            for m in targets.values()
+        ):
+            kinds = {"weak_columns": "weak columns", "outliers": "sparse outliers", "all": "weak columns or sparse outliers"}
+            raise ValueError(
+                f"none of the {len(targets)} targeted QuantLinear layers has {kinds[peft_config.trainable]} to train. "
+                "Use a base that stores them (method='owq' with target_bits for weak columns; 'gwq' or opq=True for "
+                "sparse outliers), or create weak columns: WCTConfig(create_columns=k) or "
+                "wct.tuners.wct.create_weak_columns(model, k, calibration=...)"
+            )
+        fingerprint = base_fingerprint(targets)
+        if peft_config.base_fingerprint is None:
+            peft_config.base_fingerprint = fingerprint
+        elif peft_config.base_fingerprint != fingerprint:
+            raise ValueError(
+                "adapter was trained on a different base: its base_fingerprint "
+                f"{peft_config.base_fingerprint[:12]}… does not match this model's {fingerprint[:12]}… (sha256 of the "
+                f"packed weights and outlier indices of the {len(targets)} targeted layers). Load it onto the quantized "
+                "model it was trained on (same checkpoint, and the same create_weak_columns call if weak columns were "
+                "created); to start a new adapter from this config on purpose, set config.base_fingerprint = None"
+            )
+
+    def _create_and_replace(
+        self,
+        peft_config: WCTConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **kwargs: Any,
+    ) -> None:
+        trainable = peft_config.trainable
+        if isinstance(target, WCTLayer):
+            base = target.get_base_layer()
+            if trains_columns(base, trainable) or trains_sparse(base, trainable):
+                target.update_layer(adapter_name, trainable, peft_config.adapter_dtype)
+            return
+        if isinstance(target, BaseTunerLayer):
+            raise TypeError(f"{current_key} is already a {type(target).__name__}; WCT cannot stack on another tuner")
+        if not isinstance(target, QuantLinear):
+            raise TypeError(
+                f"WCT tunes wct QuantLinear layers only, but target_modules matched {current_key} "
+                f"({type(target).__name__}); narrow target_modules or use exclude_modules"
+            )
+        base = target
+        if peft_config.create_columns and base.n_weak == 0 and trainable in ("weak_columns", "all"):
+            k = min(peft_config.create_columns, base.in_features - 1)
+            cols = pick_columns(column_scores(base, peft_config.create_score), k)
+            base = split_weak_columns(base, cols)
+            record_layer_spec(self.model, current_key, base)
+        if not (trains_columns(base, trainable) or trains_sparse(base, trainable)):
+            log.debug("wct: %s holds nothing to train for trainable=%r; left unwrapped", current_key, trainable)
+            return
+        new = WCTLayer(base, adapter_name, trainable=trainable, adapter_dtype=peft_config.adapter_dtype)
+        if adapter_name not in self.active_adapters:
+            new.requires_grad_(False)  # adding a further adapter: not trainable until set_adapter
+        self._replace_module(parent, target_name, new, base)
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        """Plain swap.  BaseTuner's version copies ``child.weight`` when unloading and moves adapters next to
+        ``weight``; a QuantLinear has no ``weight``, and WCTLayer already creates its tensors on the base's device."""
+        setattr(parent, child_name, new_module)
+
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Optional[list[str]] = None
+    ) -> nn.Module:
+        """Write the tuned values into the QuantLinears and return the model with plain (packed) QuantLinears.
+
+        Exact: the packed base is untouched and the values are stored as trained
+        (the forward pass already rounded them to the storage dtype).
+        """
+        return super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# training preparation
+# ---------------------------------------------------------------------------------------------------------------------
+def prepare_for_training(
+    model: nn.Module,
+    use_gradient_checkpointing: bool = True,
+    gradient_checkpointing_kwargs: Optional[dict[str, Any]] = None,
+    upcast_small_params: bool = True,
+) -> nn.Module:
+    """Get a wct-quantized model ready for adapter training (call it before ``get_peft_model``).
+
+    * freezes every parameter (the adapter's own are created trainable afterwards);
+    * ``upcast_small_params``: 1-D 16-bit parameters (norm weights, biases) go to fp32,
+      as ``prepare_model_for_kbit_training`` does for stability; the embedding
+      matrices are left alone (large, frozen, and fp32 buys them nothing);
+    * gradient checkpointing with ``use_reentrant=False`` (the reentrant variant
+      drops gradients when no *input* requires grad, and re-runs hooks twice), plus
+      ``enable_input_require_grads`` so the reentrant variant also works if asked for.
+      QuantLinear's backward recomputes its dequantized tiles anyway, so
+      checkpointing costs only the recomputed activations.
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if upcast_small_params:
+        for p in model.parameters():
+            if p.dim() <= 1 and p.dtype in (torch.float16, torch.bfloat16):
+                p.data = p.data.float()
+    if use_gradient_checkpointing:
+        if not hasattr(model, "gradient_checkpointing_enable"):
+            raise TypeError(
+                f"{type(model).__name__} has no gradient_checkpointing_enable(); pass use_gradient_checkpointing=False "
+                "or use a transformers PreTrainedModel"
+            )
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        config = getattr(model, "config", None)
+        if config is not None and getattr(config, "use_cache", None):
+            config.use_cache = False  # the KV cache is incompatible with checkpointing in training
+    return model
