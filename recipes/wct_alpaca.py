@@ -1,0 +1,59 @@
+"""Weak Column Tuning on Alpaca with TRL's SFTTrainer.
+
+quantize (or load a packed checkpoint) -> WCT instruction tuning -> adapter, merged packed
+checkpoint, held-out loss.
+
+    accelerate launch --config_file recipes/configs/cpu_1proc.yaml recipes/wct_alpaca.py \
+        --dataset_name ../shared/data/alpaca/alpaca_5000.json --output_dir runs/wct --max_steps 100
+    accelerate launch --config_file recipes/configs/cpu_ddp2.yaml recipes/wct_alpaca.py ...   # 2 CPU processes
+    python recipes/wct_alpaca.py --config recipes/configs/wct_alpaca.yaml
+
+``--model_name_or_path`` takes a hub id, a local model, a packed wct checkpoint, or nothing for the
+embedded SmolLM2-135M-Instruct; ``--dataset_name`` a local JSON/JSONL (Alpaca fields or chat
+``messages``) or a hub name (``tatsu-lab/alpaca`` with internet).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from trl import ModelConfig, ScriptArguments, SFTTrainer, TrlParser
+
+import wct
+from wct.data.instruct import load_instruction_dataset, load_instruction_records
+from wct.integrations.trl import QuantArguments, WCTSFTConfig, prepare_base
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = TrlParser((ScriptArguments, WCTSFTConfig, ModelConfig, QuantArguments))
+    script_args, sft_args, model_args, qargs = parser.parse_args_and_config(argv)
+    if not script_args.dataset_name:
+        script_args.dataset_name = "tatsu-lab/alpaca"
+    records = load_instruction_records(script_args.dataset_name, script_args.dataset_train_split)
+    train, held = load_instruction_dataset(records, n_eval=qargs.eval_size, seed=sft_args.seed)
+    model, tok = prepare_base(model_args.model_name_or_path, qargs, sft_args.output_dir, train_records=records[:2000])
+    wct.prepare_for_training(model, use_gradient_checkpointing=bool(sft_args.gradient_checkpointing))
+    peft_config = wct.WCTConfig(trainable=qargs.wct_trainable, create_columns=qargs.wct_create_columns)
+    trainer = SFTTrainer(model=model, args=sft_args, train_dataset=train, eval_dataset=held,
+                         processing_class=tok, peft_config=peft_config)
+    if trainer.accelerator.is_main_process:
+        trainer.model.print_trainable_parameters()
+    trainer.train(resume_from_checkpoint=sft_args.resume_from_checkpoint)
+    metrics = trainer.evaluate()
+    trainer.save_model(sft_args.output_dir)  # the adapter only
+    result = {"eval_loss": metrics.get("eval_loss"), "output_dir": sft_args.output_dir}
+    if trainer.accelerator.is_main_process:
+        merged = trainer.model.merge_and_unload()
+        merged_dir = qargs.merged_dir or os.path.join(sft_args.output_dir, "merged")
+        wct.sync_quantization(merged)
+        wct.save_pretrained(merged, merged_dir, overwrite=True, tokenizer=tok)
+        result["merged_dir"] = merged_dir
+        result["bits_per_weight"] = wct.model_bits(merged)["bits_per_weight"]
+        print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
