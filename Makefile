@@ -5,9 +5,10 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # CPU wheel from local disk here; on a CUDA machine override, e.g. TORCH_SPEC="torch==2.13.0" with the CUDA index.
 TORCH_SPEC ?= torch==2.13.0
-PYTEST := $(PY) -m pytest -q
+# -P: never put the repo root on sys.path, where kernels/ would shadow Hugging Face's `kernels` package
+PYTEST := $(PY) -P -m pytest -q
 
-.PHONY: install test test-slow lint demo train train-ddp codebooks bench-codebooks bench-quality clean
+.PHONY: install test test-slow lint demo train train-ddp codebooks bench-codebooks bench-kernels bench-quality bench-actquant clean
 
 install: $(VENV)/.installed
 
@@ -26,10 +27,10 @@ test-slow: install
 	$(PYTEST) -m slow
 
 lint: install
-	$(PY) -m ruff check wct kernels recipes tests scripts
+	$(PY) -P -m ruff check wct kernels recipes tests scripts
 
 demo: install
-	$(PY) -m wct.demo
+	$(PY) -P -m wct.demo
 
 ALPACA ?= ../shared/data/alpaca/alpaca_5000.json
 TRAIN_ARGS ?= --dataset_name $(ALPACA) --max_steps 200 --per_device_train_batch_size 4 --max_length 256 \
@@ -44,7 +45,7 @@ train-ddp: install
 		--output_dir runs/wct-alpaca-ddp $(TRAIN_ARGS)
 
 codebooks: install
-	$(PY) -m wct.formats.codebook --regenerate
+	$(PY) -P -m wct.formats.codebook --regenerate
 
 bench-ALPACA ?= ../shared/data/alpaca/alpaca_5000.json
 TRAIN_ARGS ?= --dataset_name $(ALPACA) --max_steps 200 --per_device_train_batch_size 4 --max_length 256 \
@@ -60,6 +61,9 @@ train-ddp: install
 
 codebooks: install
 	$(PY) scripts/bench_codebooks.py
+
+bench-kernels: install
+	$(PY) scripts/bench_kernels.py
 
 bench-quality: install
 	$(PY) scripts/bench_quality.py

@@ -10,14 +10,39 @@ and the outlier values.
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 
 from . import torch_backend
 from .spec import PackedWeight
 
 
+@functools.cache
+def _triton_backend():
+    """The Triton backend module, or None (not installed, broken, or ``WCT_KERNELS=torch``).
+
+    Imported lazily, on the first CUDA tensor: CPU-only runs never build (or need) the kernels.
+    """
+    if os.environ.get("WCT_KERNELS", "").lower() == "torch":
+        return None
+    try:
+        from . import triton_backend
+    except Exception:  # a broken triton must never break the torch path
+        return None
+    return triton_backend if triton_backend.HAS_TRITON else None
+
+
 def _backend(x: torch.Tensor):
-    # The Triton backend joins here for CUDA tensors; the torch backend runs anywhere.
+    """Triton kernels for CUDA tensors when Triton is importable; the torch backend anywhere else.
+
+    (The Triton backend itself hands formats its kernels do not read back to the torch backend.)
+    """
+    if x.is_cuda:
+        tb = _triton_backend()
+        if tb is not None:
+            return tb
     return torch_backend
 
 
