@@ -42,13 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/demo", help="where the adapter and the merged checkpoint go")
     ap.add_argument("--n-train", type=int, default=2000)
-    ap.add_argument("--n-heldout", type=int, default=100)
+    ap.add_argument("--n-heldout", type=int, default=64)
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--target-bits", type=float, default=3.01)
     ap.add_argument("--calib-samples", type=int, default=16)
-    ap.add_argument("--skip-fp32", action="store_true", help="do not evaluate the unquantized model")
+    ap.add_argument("--with-fp32", action="store_true", help="also evaluate the unquantized model (slower)")
     args = ap.parse_args(argv)
 
     import datasets
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     train, heldout = train_heldout_split(args.n_train, args.n_heldout, seed=0)
     rows: dict[str, dict] = {}
     n_weights = sum(m.weight.numel() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n)
-    if not args.skip_fp32:
+    if args.with_fp32:
         print("[3/6] fp32 model on the held-out tasks", flush=True)
         rows["fp32"] = {"bits_per_weight": 32.0, "size_mb": n_weights * 4 / 2**20, **_evaluate(model, tok, heldout, "fp32")}
 

@@ -32,6 +32,9 @@ class WCTSFTConfig(SFTConfig):
     def __post_init__(self) -> None:
         if self.bf16 is None:
             self.bf16 = bool(torch.cuda.is_available() and not self.fp16)
+        if not torch.cuda.is_available():
+            # makes accelerate's state CPU DDP (gloo) when several processes are launched
+            self.use_cpu = True
         super().__post_init__()
 
 
@@ -98,5 +101,23 @@ def prepare_base(model_name_or_path: str | None, qargs: QuantArguments, output_d
     return load_quantized(str(base_dir)), AutoTokenizer.from_pretrained(str(base_dir))
 
 
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+def adapter_checksum(model) -> str:
+    """sha256 over the trainable parameters (names and bytes): equal on every DDP rank after training."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in sorted((n, p) for n, p in model.named_parameters() if p.requires_grad):
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def write_adapter_checksum(model, output_dir: str, rank: int, world_size: int = 1) -> str:
+    """Each rank writes ``adapter_checksum_rank{rank}.txt`` (JSON), so a run can prove its ranks agree."""
+    import json
+
+    digest = adapter_checksum(model)
+    os.makedirs(output_dir, exist_ok=True)
+    rec = {"sha256": digest, "rank": rank, "world_size": world_size}
+    Path(output_dir, f"adapter_checksum_rank{rank}.txt").write_text(json.dumps(rec) + "\n")
+    return digest
