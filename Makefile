@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 # -P: never put the repo root on sys.path, where kernels/ would shadow Hugging Face's `kernels` package
 PYTEST := $(PY) -P -m pytest -q
 
-.PHONY: install test test-slow lint demo train train-ddp codebooks bench-codebooks bench-kernels bench-quality bench-actquant clean
+.PHONY: install test test-slow lint demo demo-formats train train-ddp codebooks bench-codebooks bench-kernels bench-quality bench-actquant clean
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,9 @@ lint: install
 
 demo: install
 	$(PY) -P -m wct.demo
+
+demo-formats: install
+	$(PY) -P -m wct.demo_formats
 
 ALPACA ?= ../shared/data/alpaca/alpaca_5000.json
 TRAIN_ARGS ?= --dataset_name $(ALPACA) --max_steps 200 --per_device_train_batch_size 4 --max_length 256 \
