@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--target-bits", type=float, default=3.01)
     ap.add_argument("--calib-samples", type=int, default=16)
+    ap.add_argument("--calib-seq-len", type=int, default=512)
+    ap.add_argument("--model", default=None, help="hub id or local path (default: the embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--with-fp32", action="store_true", help="also evaluate the unquantized model (slower)")
     args = ap.parse_args(argv)
 
@@ -63,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     t_all = time.time()
     out = Path(args.out)
-    print("[1/6] loading the embedded SmolLM2-135M-Instruct", flush=True)
-    model, tok = load_model(None)
+    print(f"[1/6] loading {args.model or 'the embedded SmolLM2-135M-Instruct'}", flush=True)
+    model, tok = load_model(args.model)
     print(f"[2/6] built-in tasks: {args.n_train} train / {args.n_heldout} held-out (disjoint, seed 0)", flush=True)
     train, heldout = train_heldout_split(args.n_train, args.n_heldout, seed=0)
     rows: dict[str, dict] = {}
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     calib_records = [{"messages": [{"role": "user", "content": e["instruction"] + "\n\n" + e["input"]},
                                    {"role": "assistant", "content": e["output"]}]} for e in train]
     stream = records_to_stream(calib_records, tok, seed=0, progress=False)
-    calib = sample_windows(stream, args.calib_samples, 512, seed=0)
+    calib = sample_windows(stream, args.calib_samples, args.calib_seq_len, seed=0)
     wct.quantize_model(model, wct.QuantConfig(method="owq", wbits=3, target_bits=args.target_bits), calibration=calib)
     q_seconds = time.time() - t
     bits = wct.model_bits(model)
