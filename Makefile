@@ -68,6 +68,9 @@ codebooks: install
 bench-kernels: install
 	$(PY) scripts/bench_kernels.py
 
+bench-actquant: install
+	$(PY) scripts/bench_actquant.py
+
 bench-quality: install
 	$(PY) scripts/bench_quality.py
 
