@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import make_tiny_llama, make_tiny_opt
 
 import wct
 from wct.formats import get_format
@@ -10,8 +11,6 @@ from wct.quantize import QuantConfig, quantize_model
 from wct.quantize.gptq import GPTQ
 from wct.quantize.model_utils import find_blocks
 from wct.quantize.owq import allocate_weak_columns, column_sensitivity, select_weak_columns
-
-from conftest import make_tiny_llama, make_tiny_opt
 
 
 def _problem(seed=0, out_f=64, in_f=128, n=2048):

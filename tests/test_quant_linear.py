@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from wct.kernels import quant_linear
 
 from wct.formats import get_format
-from wct.kernels import quant_linear
 from wct.nn import QuantLinear
 from wct.quantize.opq import opq_outlier_mask
 

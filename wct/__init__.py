@@ -29,8 +29,6 @@ def _mount_source_kernels() -> None:
 _mount_source_kernels()
 
 from wct.formats import QuantizedTensor, get_format  # noqa: E402
-from wct.nn import QuantLinear  # noqa: E402
-from wct.quantize import QuantConfig, model_bits  # noqa: E402
 from wct.integrations import (  # noqa: E402  (importing registers quant_method="wct" with transformers)
     attach_quantization,
     load_quantized,
@@ -39,6 +37,8 @@ from wct.integrations import (  # noqa: E402  (importing registers quant_method=
     sync_quantization,
 )
 from wct.integrations.peft import load_adapter, register_wct_peft  # noqa: E402
+from wct.nn import QuantLinear  # noqa: E402
+from wct.quantize import QuantConfig, model_bits  # noqa: E402
 from wct.tuners import QuantLoraLinear, WCTConfig, create_weak_columns, prepare_for_training  # noqa: E402
 
 register_wct_peft()

@@ -54,14 +54,14 @@ class GPTQ:
         """Upper Cholesky factor of ``(H + λI)⁻¹``; raises the damping until it factorises."""
         damp = percdamp * torch.mean(torch.diag(H))
         eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-        for attempt in range(6):
+        for _attempt in range(6):
             try:
                 L = torch.linalg.cholesky(H + damp * eye)
                 Hinv = torch.cholesky_inverse(L)
                 return torch.linalg.cholesky(Hinv, upper=True)
             except RuntimeError:
                 new = damp * 10 if damp > 0 else 1e-6
-                warnings.warn(f"Hessian not positive definite with damping {float(damp):.3g}; retrying with {float(new):.3g}")
+                warnings.warn(f"Hessian not positive definite with damping {float(damp):.3g}; retrying with {float(new):.3g}", stacklevel=2)
                 damp = new
         raise FloatingPointError("Hessian could not be factorised even with heavy damping (degenerate calibration data?)")
 
