@@ -19,7 +19,7 @@ from transformers.trainer_utils import validate_quantization_for_training
 
 import wct  # noqa: F401  (registers quant_method="wct")
 import wct.integrations.transformers as hf
-from tests.conftest import make_tiny_llama, make_tiny_opt
+from conftest import make_tiny_llama, make_tiny_opt
 from wct.formats import CodebookFormat, IntegerFormat
 from wct.integrations import (
     WCTHfQuantizer,
