@@ -48,10 +48,12 @@ for _b in ("w8a8", "w6a6"):
     ABLATIONS[f"outliertune-gamma-{_b}"] = ("outliertune", _b, dict(symmetrize=False, fold_gamma=True))
     ABLATIONS[f"outliertune-samplemean-{_b}"] = ("outliertune", _b, dict(shift_estimate="sample-mean"))
 ABLATIONS["outliertune-sequential-w6a6"] = ("outliertune", "w6a6", dict(_stats="sequential"))
+ABLATIONS["outliertune-gptq-w6a6"] = ("outliertune", "w6a6", dict(_stats="sequential", weight_solver="gptq"))
 VARIANTS = {
     "gamma": "γ folded, no shift (the reference's Llama variant)",
     "samplemean": "shift = mean of per-window midpoints (the reference's estimate)",
     "sequential": "sequential calibration (library default), not shared float statistics",
+    "gptq": "GPTQ on the folded weights, sequential calibration",
 }
 ALL = {**ROWS, **ABLATIONS}
 PAPER = {
