@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="runs/demo", help="where the adapter and the merged checkpoint go")
     ap.add_argument("--n-train", type=int, default=2000)
     ap.add_argument("--n-heldout", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--steps", type=int, default=80)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--target-bits", type=float, default=3.01)
