@@ -12,6 +12,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import make_tiny_llama, make_tiny_opt
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
@@ -19,7 +20,6 @@ from transformers.trainer_utils import validate_quantization_for_training
 
 import wct  # noqa: F401  (registers quant_method="wct")
 import wct.integrations.transformers as hf
-from conftest import make_tiny_llama, make_tiny_opt
 from wct.formats import CodebookFormat, IntegerFormat
 from wct.integrations import (
     WCTHfQuantizer,

@@ -133,11 +133,13 @@ def test_gamma_fold_without_shift_matches_plain_no_shift():
             p.data.uniform_(0.2, 2.0)
     x, c = tokens(), calib()
     ref = base(x).logits
-    a, b = copy.deepcopy(base), copy.deepcopy(base)
-    quantize_activations(a, ActQuantConfig("outliertune", symmetrize=False), c, progress=False)
-    quantize_activations(b, ActQuantConfig("outliertune", symmetrize=False, fold_gamma=True), c, progress=False)
-    ya, yb = a(x).logits, b(x).logits
-    assert rel(yb, ya) < 0.1 * rel(ya, ref)
+    for sequential in (False, True):
+        a, b = copy.deepcopy(base), copy.deepcopy(base)
+        quantize_activations(a, ActQuantConfig("outliertune", symmetrize=False, sequential=sequential), c, progress=False)
+        quantize_activations(b, ActQuantConfig("outliertune", symmetrize=False, fold_gamma=True, sequential=sequential), c,
+                             progress=False)
+        ya, yb = a(x).logits, b(x).logits
+        assert rel(yb, ya) < 0.1 * rel(ya, ref)
 
 
 # --- quantized models stay close to the float model -----------------------------------------------------
@@ -171,7 +173,8 @@ def test_gptq_and_percentile_and_all_layers_options_run():
     ref = base(x).logits
     for cfg in (ActQuantConfig(weight_solver="gptq"), ActQuantConfig(percentile=99.0),
                 ActQuantConfig(per_channel_layers="all"), ActQuantConfig(shift_estimate="range"),
-                ActQuantConfig(layers=("mlp",)), ActQuantConfig(skip_modules=("down_proj",))):
+                ActQuantConfig(layers=("mlp",)), ActQuantConfig(skip_modules=("down_proj",)),
+                ActQuantConfig(sequential=True), ActQuantConfig(sequential=True, fold_gamma=True, symmetrize=False)):
         m = copy.deepcopy(base)
         rep = quantize_activations(m, cfg, c, progress=False)
         assert rel(m(x).logits, ref) < 0.1
@@ -332,3 +335,26 @@ def test_cli_entry_point(tmp_path, capsys):
     args.calib, args.abits = calib(16, 32).reshape(-1), 12
     with pytest.raises(ValueError, match="abits"):
         quantize_outliertune_cli(make_tiny_llama(), None, args)
+
+
+# --- the real model (slow) -----------------------------------------------------------------------------
+@pytest.mark.slow
+def test_smollm2_w8a8_outliertune_stays_close_to_fp32():
+    import os
+
+    from conftest import embedded_model_available, shared_data
+
+    from wct.data import get_calibration_windows, load_token_stream
+    from wct.eval import perplexity
+    from wct.models import load_model
+
+    if not embedded_model_available() or not os.path.exists(shared_data("wikitext-2", "test.txt")):
+        pytest.skip("needs the embedded SmolLM2-135M and ../shared/data/wikitext-2")
+    model, tok = load_model(None)
+    test = load_token_stream(shared_data("wikitext-2", "test.txt"), tok)
+    calib = get_calibration_windows(shared_data("wikitext-2", "valid.txt"), tok, n_samples=8, seq_len=512)
+    fp = perplexity(model, test, seq_len=512, n_windows=4, progress=False)
+    report = quantize_activations(model, ActQuantConfig("outliertune"), calib, progress=False)
+    assert sum(v["act_mode"] == "static" for v in report["layers"].values()) == 150  # 30 x (q, k, v, gate, up)
+    q = perplexity(model, test, seq_len=512, n_windows=4, progress=False)
+    assert q / fp < 1.03, (q, fp)

@@ -1,16 +1,19 @@
-"""Activation quantization (W8A8 / W6A6): OutlierTune and its baselines, block by block.
+"""Activation quantization (W8A8 / W6A6): OutlierTune and its baselines, layer by layer.
 
 OutlierTune (arXiv 2406.18832) quantizes Linear *inputs* per channel, statically, yet
 keeps the integer matmul as cheap as per-tensor quantization:
 
 * **calibration**: per input channel ``c`` of every Linear, the min/max (or a percentile)
-  of its activations over the calibration windows, gathered block by block with hooks,
-  the way the weight engine (:mod:`wct.quantize.engine`) does: the inputs of block ``i+1``
-  are the outputs of the already *quantized* block ``i``;
-* **symmetrization**: shift channel ``c`` by its midpoint ``z_c`` (the reference's estimate:
-  the mean over calibration windows of ``(max_t x_tc + min_t x_tc)/2``) so its range is
-  symmetric; the shift is folded into the bias, ``b' = b + W·z`` (a bias is added where
-  the Linear had none);
+  of its activations over the calibration windows, gathered with hooks on the Linear inputs
+  during one forward of the float model (the reference's way); ``sequential=True`` gathers
+  them block by block like the weight engine (:mod:`wct.quantize.engine`), the inputs of
+  block ``i+1`` being the outputs of the already *quantized* block ``i`` (measured worse,
+  see :class:`ActQuantConfig`);
+* **symmetrization**: shift channel ``c`` by its midpoint ``z_c`` so its range is symmetric:
+  by default the midpoint of its calibration min/max (the tightest symmetric range), or the
+  reference's estimate, the mean over windows of ``(max_t x_tc + min_t x_tc)/2``
+  (``shift_estimate="sample-mean"``); the shift is folded into the bias, ``b' = b + W·z`` (a
+  bias is added where the Linear had none);
 * **pre-executed dequantization**: ``Δ_c = max_t |x_tc − z_c| / (2^(b−1) − 1)`` is folded into the
   weight, ``W' = W·diag(Δ)``, which is then quantized per output row (min-max round to
   nearest, or GPTQ); at run time ``round((x − z)/Δ)`` are the integer inputs and only the
@@ -33,8 +36,11 @@ shift.  Static *per-channel* quantization is invariant to a per-channel factor (
 ``Δ_c`` absorbs it), so that γ fold changes nothing but the bookkeeping; what differs is
 the shift.  Here the shift costs nothing either way: it is part of the fused input
 transform ``(x − z)/Δ`` (in a deployment, an RMSNorm given a bias), and ``b' = b + W·z`` is
-exact.  Measured on SmolLM2-135M (``docs/benchmarks/actquant.md``), the shift is the default
-(``symmetrize=True``); ``fold_gamma=True, symmetrize=False`` reproduces the reference variant.
+exact.  Measured on SmolLM2-135M (WikiText-2, 40 × 512 tokens, fp32 25.61,
+``docs/benchmarks/actquant.md``): with the shift W8A8 25.75 / W6A6 31.41, the reference's
+γ fold without shift 26.01 / 32.91; the range midpoint beat the sample-mean estimate
+(25.85 / 31.44).  So ``symmetrize=True, shift_estimate="range"`` is the default and
+``fold_gamma=True, symmetrize=False`` reproduces the reference variant.
 
 Models whose Linears are ``wct.nn.QuantLinear`` (a merged WCT checkpoint) are first
 dequantized into ``nn.Linear`` (:func:`dequantize_quant_linears`): activation quantization
@@ -82,7 +88,11 @@ class ActQuantConfig:
     ``per_channel_layers``: ``"norm-fed"`` (QKV, gate/up, fc1: the reference) or ``"all"``.
     ``alpha``: SmoothQuant migration strength.
     ``weight_solver``: ``"rtn"`` (min-max round to nearest) or ``"gptq"`` (on the folded weight,
-    with the Hessian of the transformed inputs).
+    with the Hessian of the transformed inputs; implies sequential calibration).
+    ``sequential``: calibrate block ``i+1`` on the outputs of the already quantized blocks (the weight
+    engine's way) instead of one forward of the float model (the reference's way, the default: on
+    SmolLM2-135M W6A6 it measured 31.4 vs 32.0 ppl, and costs one model pass instead of two per block;
+    quantization noise only widens min/max ranges).
     ``layers``: name substrings to quantize (empty: every decoder-block Linear);
     ``skip_modules``: name substrings to leave in floating point.
     """
@@ -97,6 +107,7 @@ class ActQuantConfig:
     per_channel_layers: str = "norm-fed"
     alpha: float = 0.5
     weight_solver: str = "rtn"
+    sequential: bool = False
     percdamp: float = 0.01
     layers: tuple[str, ...] = ()
     skip_modules: tuple[str, ...] = ()
@@ -512,11 +523,12 @@ def quantize_activations(
 
     Every selected Linear becomes a :class:`wct.nn.ActQuantLinear`.  ``calibration`` is a
     ``[n_samples, seq_len]`` token tensor, needed by ``outliertune``, ``smoothquant``, GPTQ and
-    ``fold_gamma``: by default the blocks are calibrated one after the other, each on the
-    outputs of the already quantized blocks before it (as the weight engine does).  ``stats``
-    from :func:`collect_activation_stats` (one float forward, the reference's way) replaces that
-    pass (not with GPTQ, which needs each block's inputs).  Returns a report: per layer its
-    activation mode and the norm feeding it.
+    ``fold_gamma``.  By default its statistics come from one forward of the float model
+    (:func:`collect_activation_stats`); ``config.sequential`` (and GPTQ) calibrate the blocks one
+    after the other on the outputs of the already quantized blocks, as the weight engine does.
+    ``stats`` (from :func:`collect_activation_stats`) skips the calibration pass, e.g. to sweep
+    methods and bit widths over one pass.  Returns a report: per layer its activation mode and
+    the norm feeding it.
     """
     if not isinstance(config, ActQuantConfig):
         raise TypeError(f"config must be an ActQuantConfig, got {type(config).__name__}")
@@ -524,16 +536,22 @@ def quantize_activations(
     n_deq = dequantize_quant_linears(model)
     if config.fold_gamma and getattr(getattr(model, "config", None), "do_layer_norm_before", True) is False:
         raise ValueError("fold_gamma needs pre-norm blocks; this model normalizes after the residual (do_layer_norm_before=False)")
+    sequential = config.sequential or config.weight_solver == "gptq"
     if stats is not None:
-        if config.weight_solver == "gptq":
-            raise ValueError("weight_solver='gptq' needs each block's calibration inputs; pass calibration, not stats")
+        if sequential:
+            raise ValueError("sequential calibration / weight_solver='gptq' need each block's calibration inputs; "
+                             "pass calibration, not stats")
         report = _from_stats(model, config, stats, progress)
     elif not config.calibrated:
         report = _dynamic_only(model, config, progress)
     else:
         _check_calibration(calibration, f"method {config.method!r} (weight_solver={config.weight_solver!r}, "
                            f"fold_gamma={config.fold_gamma})")
-        report = _sequential(model, config, calibration, progress)
+        if sequential:
+            report = _sequential(model, config, calibration, progress)
+        else:
+            stats = collect_activation_stats(model, calibration, config.percentile, config.batch_size, progress)
+            report = _from_stats(model, config, stats, progress)
     if not report["layers"]:
         raise ValueError(f"no Linear layer matched layers={config.layers} / skip_modules={config.skip_modules}")
     report.update(method=config.method, bits=config.tag, dequantized_quantlinears=n_deq, config=config.to_dict(),
