@@ -50,19 +50,7 @@ train-ddp: install
 codebooks: install
 	$(PY) -P -m wct.formats.codebook --regenerate
 
-bench-ALPACA ?= ../shared/data/alpaca/alpaca_5000.json
-TRAIN_ARGS ?= --dataset_name $(ALPACA) --max_steps 200 --per_device_train_batch_size 4 --max_length 256 \
-	--learning_rate 1e-3 --logging_steps 10 --save_strategy no --report_to none --eval_size 200
-
-train: install
-	$(VENV)/bin/accelerate launch --config_file recipes/configs/cpu_1proc.yaml recipes/wct_alpaca.py \
-		--output_dir runs/wct-alpaca $(TRAIN_ARGS)
-
-train-ddp: install
-	$(VENV)/bin/accelerate launch --config_file recipes/configs/cpu_ddp2.yaml recipes/wct_alpaca.py \
-		--output_dir runs/wct-alpaca-ddp $(TRAIN_ARGS)
-
-codebooks: install
+bench-codebooks: install
 	$(PY) scripts/bench_codebooks.py
 
 bench-kernels: install
