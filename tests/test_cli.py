@@ -67,3 +67,15 @@ def test_calibrated_method_without_calib_and_bad_inspect(tiny_dir, tmp_path, cap
     assert "--calib" in capsys.readouterr().err
     assert main(["inspect", str(model_dir)]) == 2
     assert "not a wct checkpoint" in capsys.readouterr().err
+
+
+def test_outliertune_checkpoint_evaluates_through_the_cli(tiny_dir, tmp_path, capsys):
+    """`wct eval ppl` must recognise an OutlierTune folder (not a wct weight-only checkpoint)."""
+    model_dir, txt = tiny_dir
+    out = tmp_path / "ot"
+    rc = main(["quantize", "--model", str(model_dir), "--method", "outliertune", "--wbits", "8", "--abits", "8",
+               "--calib", str(txt), "--n-samples", "4", "--seq-len", "32", "--out", str(out)])
+    assert rc == 0
+    capsys.readouterr()
+    assert main(["eval", "ppl", "--model", str(out), "--data", str(txt), "--seq-len", "32", "--windows", "2", "--json"]) == 0
+    assert 1 < _json_out(capsys)["ppl"] < 1e6

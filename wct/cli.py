@@ -27,8 +27,13 @@ def _is_wct_checkpoint(path: str | None) -> bool:
 
 def load_any(name_or_path: str | None):
     """(model, tokenizer) from a wct checkpoint, a hub id / local model, or the embedded default."""
+    from wct.integrations.outliertune import is_outliertune_checkpoint, load_outliertune
     from wct.models import load_model
 
+    if name_or_path and is_outliertune_checkpoint(name_or_path):
+        from transformers import AutoTokenizer
+
+        return load_outliertune(name_or_path), AutoTokenizer.from_pretrained(name_or_path)
     if _is_wct_checkpoint(name_or_path):
         from transformers import AutoTokenizer
 
