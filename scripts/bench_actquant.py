@@ -278,7 +278,8 @@ def write_reports(records: list[dict], args) -> None:
         f"non-overlapping 512-token windows of wikitext-2 `test.txt`"
         + ("" if protocol["windows"] == [40] else " (the quality benchmark uses 40; fewer here to fit 2 shared CPU cores)")
         + f". Calibration: **{cal}** x 512 tokens of `valid.txt` (seed 0), "
-        f"statistics: {', '.join(protocol['stats'])} (see the script docstring). Weights symmetric per output row, "
+        "statistics from one forward of the fp32 model unless a row says *sequential calibration* (block by block on the "
+        "quantized outputs; see the script docstring). Weights symmetric per output row, "
         "min-max round to nearest; activations 8 or 6 bits. Latency: batch 1, "
         f"{', '.join(map(str, protocol['threads'])) or '?'} thread(s), median of {args.repeats} back-to-back pairs with fp32 "
         "(other processes share the 2 cores: ratios are meaningful, absolute ms are not).",
