@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 # -P: never put the repo root on sys.path, where kernels/ would shadow Hugging Face's `kernels` package
 PYTEST := $(PY) -P -m pytest -q
 
-.PHONY: install test test-slow lint demo demo-formats train train-ddp codebooks bench-codebooks bench-kernels bench-quality bench-actquant clean
+.PHONY: install test test-slow lint demo demo-formats train train-ddp codebooks bench-codebooks bench-kernels bench-quality bench-actquant bench-train fuzz clean
 
 install: $(VENV)/.installed
 
@@ -61,6 +61,18 @@ bench-actquant: install
 
 bench-quality: install
 	$(PY) scripts/bench_quality.py
+
+# Fine-tuning over quantized bases on Alpaca (held-out loss, trainable params, step time, tokens/s, peak RSS);
+# resumable, rows cached in docs/benchmarks/train.json. BENCH_TRAIN_ARGS e.g. "--only lora-fp32 --steps 20".
+BENCH_TRAIN_ARGS ?=
+bench-train: install
+	$(PY) -P scripts/bench_train.py $(BENCH_TRAIN_ARGS)
+
+# Bounded fuzzing (a few minutes): mutated checkpoints/adapters, SIGKILLed saves, property tests. CI runs a
+# shorter fixed-seed version (tests/test_integrity.py::test_the_fuzzer_finds_no_crash_garbage_or_lost_data).
+FUZZ_ARGS ?= --seed 0
+fuzz: install
+	$(PY) -P scripts/fuzz.py $(FUZZ_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

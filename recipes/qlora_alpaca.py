@@ -17,7 +17,7 @@ from peft import LoraConfig
 from trl import ModelConfig, ScriptArguments, SFTTrainer, TrlParser
 
 from wct.data.instruct import load_instruction_dataset, load_instruction_records
-from wct.integrations.trl import QuantArguments, WCTSFTConfig
+from wct.integrations.trl import QuantArguments, WCTSFTConfig, save_final_adapter
 from wct.models import load_model
 
 
@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> dict:
                          processing_class=tok, peft_config=peft_config)
     trainer.train(resume_from_checkpoint=sft_args.resume_from_checkpoint)
     metrics = trainer.evaluate()
-    trainer.save_model(sft_args.output_dir)
-    result = {"eval_loss": metrics.get("eval_loss"), "output_dir": sft_args.output_dir}
+    adapter_dir = save_final_adapter(trainer, sft_args.output_dir, tok)  # atomic, checksummed
+    result = {"eval_loss": metrics.get("eval_loss"), "output_dir": sft_args.output_dir, "adapter_dir": adapter_dir}
     if trainer.accelerator.is_main_process:
         print(json.dumps(result))
     return result

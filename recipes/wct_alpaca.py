@@ -23,7 +23,7 @@ from trl import ModelConfig, ScriptArguments, SFTTrainer, TrlParser
 
 import wct
 from wct.data.instruct import load_instruction_dataset, load_instruction_records
-from wct.integrations.trl import QuantArguments, WCTSFTConfig, prepare_base, write_adapter_checksum
+from wct.integrations.trl import QuantArguments, WCTSFTConfig, prepare_base, save_final_adapter, write_adapter_checksum
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -42,10 +42,10 @@ def main(argv: list[str] | None = None) -> dict:
         trainer.model.print_trainable_parameters()
     trainer.train(resume_from_checkpoint=sft_args.resume_from_checkpoint)
     metrics = trainer.evaluate()
-    trainer.save_model(sft_args.output_dir)  # the adapter only
+    adapter_dir = save_final_adapter(trainer, sft_args.output_dir, tok)  # atomic, checksummed
     write_adapter_checksum(trainer.model, sft_args.output_dir, trainer.accelerator.process_index,
                            trainer.accelerator.num_processes)
-    result = {"eval_loss": metrics.get("eval_loss"), "output_dir": sft_args.output_dir}
+    result = {"eval_loss": metrics.get("eval_loss"), "output_dir": sft_args.output_dir, "adapter_dir": adapter_dir}
     if trainer.accelerator.is_main_process:
         merged = trainer.model.merge_and_unload()
         merged_dir = qargs.merged_dir or os.path.join(sft_args.output_dir, "merged")

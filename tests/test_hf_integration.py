@@ -86,8 +86,12 @@ def bits_of(t: torch.Tensor) -> bytes:
     return t.detach().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
 
 
-def copy_ckpt(src: str, dst) -> str:
+def copy_ckpt(src: str, dst, keep_manifest: bool = False) -> str:
+    """A copy to tamper with; without its checksum manifest (as if edited by a third-party tool) unless asked,
+    so that the structural checks, not the sha256, are what a test exercises."""
     shutil.copytree(src, dst)
+    if not keep_manifest:
+        os.remove(os.path.join(dst, "wct_manifest.json"))
     return str(dst)
 
 

@@ -59,7 +59,11 @@ def test_integer_format_matches_dense_reference(bits, group_size, sym):
     w = torch.randn(48, 256) * 0.05
     fmt = get_format(f"int{bits}", group_size=group_size, sym=sym)
     qt = fmt.quantize(w)
-    # independent dense reference of the documented math, with fp16-rounded scales
+    # independent dense reference of the documented math, with scales rounded *up* to fp16
+    def fp16_ceil(s):
+        h = s.half()
+        return torch.where(h.float() < s, torch.nextafter(h, torch.full_like(h, float("inf"))), h).float()
+
     g = group_size or 256
     wg = w.view(48, -1, g)
     maxq = 2**bits - 1
@@ -67,10 +71,10 @@ def test_integer_format_matches_dense_reference(bits, group_size, sym):
     hi = wg.amax(-1).clamp(min=0)
     if sym:
         amax = torch.maximum(-lo, hi)
-        scale = (2 * amax / maxq).clamp(min=1e-7).half().float()
+        scale = fp16_ceil((2 * amax / maxq).clamp(min=1e-7))
         zero = torch.full_like(scale, 2 ** (bits - 1))
     else:
-        scale = ((hi - lo) / maxq).clamp(min=1e-7).half().float()
+        scale = fp16_ceil(((hi - lo) / maxq).clamp(min=1e-7))
         zero = torch.round(-lo / scale).clamp(0, maxq)
     q = torch.clamp(torch.round(wg / scale[..., None]) + zero[..., None], 0, maxq)
     ref = ((q - zero[..., None]) * scale[..., None]).view(48, 256)

@@ -51,7 +51,9 @@ def test_wct_recipe_one_process(tiny_setup, tmp_path):
     out = tmp_path / "run"
     res = wct_alpaca.main(_args(model_dir, data, out))
     assert res["eval_loss"] == res["eval_loss"]  # finite, not NaN
-    assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
+    adapter = out / "adapter"
+    assert res["adapter_dir"] == str(adapter)
+    assert {"adapter_config.json", "adapter_model.safetensors", "wct_manifest.json"} <= {p.name for p in adapter.iterdir()}
     merged = wct.load_quantized(res["merged_dir"])
     assert any(isinstance(m, wct.QuantLinear) and m.n_weak for m in merged.modules())
     assert (out / "adapter_checksum_rank0.txt").exists()
@@ -75,7 +77,7 @@ def test_ddp_two_cpu_processes_end_with_identical_adapters(tiny_setup, tmp_path)
     recs = [json.loads((out / f"adapter_checksum_rank{r}.txt").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in recs] == [2, 2]  # really one DDP job, not two single runs
     assert recs[0]["sha256"] == recs[1]["sha256"]
-    init = json.loads((out / "adapter_config.json").read_text())
+    init = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert init["peft_type"] == "WCT"
 
 

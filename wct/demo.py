@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     peft_model.eval()
     after = _evaluate(peft_model, tok, heldout, "OWQ + WCT")
     adapter_dir = out / "adapter"
-    peft_model.save_pretrained(str(adapter_dir))
+    wct.save_pretrained(peft_model, adapter_dir, overwrite=True)  # atomic, with a checksum manifest
     merged = peft_model.merge_and_unload()
     wct.sync_quantization(merged)
     merged_dir = out / "merged"

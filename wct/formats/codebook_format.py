@@ -81,13 +81,26 @@ class CodebookFormat(Format):
 
     @staticmethod
     def _double_quantize(scales: torch.Tensor) -> dict[str, torch.Tensor]:
-        offset = scales.mean().reshape(1)
+        # the mean in float64: a float32 sum of block scales near the float32 maximum overflows to inf
+        # and every reconstructed scale became NaN (found by tests/test_properties.py)
+        offset = scales.double().mean().float().reshape(1)
         v = scales - offset
         nb = v.numel()
         pad = (-nb) % DQ_BLOCK
         vb = torch.nn.functional.pad(v, (0, pad)).view(-1, DQ_BLOCK)
         c = vb.abs().amax(1).clamp(min=1e-30)
+        if not bool(torch.isfinite(c).all()):  # mixed-sign signed scales beyond float32 max / 2
+            raise ValueError("block scales too large for double quantization (their spread overflows float32); "
+                             "use double_quant=False")
         q = torch.round(vb / c[:, None] * 127).clamp(-127, 127).to(torch.int8).reshape(-1)[:nb]
+        # A scale within half an int8 step of the float32 maximum can reconstruct (``q / 127 * c + offset``)
+        # past it, and every reader (the Triton kernel too) would get inf: step those codes one toward 0.
+        # (Found by tests/test_properties.py.)
+        for _ in range(2):
+            over = ~torch.isfinite(q.float() / 127 * c.repeat_interleave(DQ_BLOCK)[:nb] + offset)
+            if not bool(over.any()):
+                break
+            q = torch.where(over, q - q.sign(), q)
         return {"absmax_q": q, "absmax_scale": c.float(), "absmax_offset": offset.float()}
 
     def scales(self, data: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -123,11 +136,19 @@ class CodebookFormat(Format):
         """Nearest-level codes for ``blocks [nb, B]`` normalised by ``scale [nb]`` (bitsandbytes' arithmetic)."""
         levels = self.levels if levels is None else levels
         mids = (levels[:-1] + levels[1:]) / 2
-        if self.signed:
-            recip = 1.0 / scale
-        else:
-            recip = 1.0 / scale.clamp(min=1e-38)
-        scaled = torch.clamp(blocks * recip[:, None], -1, 1)
+        # Scales keep their sign: double quantization can turn a tiny absmax negative, and the old
+        # positive floor (``scale.clamp(min=1e-38)``) then pushed every value of the block to the
+        # level of the opposite sign.  A scale whose reciprocal overflows (0 for an all-zero block,
+        # a subnormal absmax) would make ``0 * inf = NaN`` (a zero coded as level +1): divide
+        # instead, by 1 for a zero scale (its block dequantizes to 0 whatever the codes).
+        # (Both found by tests/test_properties.py.)
+        recip = 1.0 / scale
+        scaled = blocks * recip[:, None]
+        bad = ~torch.isfinite(recip)
+        if bool(bad.any()):
+            safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+            scaled = torch.where(bad[:, None], blocks / safe[:, None], scaled)
+        scaled = torch.clamp(scaled, -1, 1)
         return torch.bucketize(scaled, mids, out_int32=True).to(torch.uint8)
 
     def buffer_specs(self, shape: tuple[int, int]) -> BufferSpec:

@@ -76,7 +76,15 @@ class IntegerFormat(Format):
 
     # --- parameters ----------------------------------------------------------
     def round_scale(self, scale: torch.Tensor) -> torch.Tensor:
-        """Scales as they will be stored (quantize against exactly what dequantize will read)."""
+        """Scales as they will be stored (quantize against exactly what dequantize will read).
+
+        Rounded *up* to the storage dtype, not to nearest: a stored scale ``s' < s`` shrinks the
+        min-max grid, and the end of the range then clips by up to ``maxq * (s - s')`` on top of
+        the half step: 1/8 of a step for int8 with normal fp16 scales, dozens of steps once the
+        scale is an fp16 subnormal (int8 groups spanning less than ~0.016; found by
+        ``tests/test_properties.py``).  With ``s' >= s`` every value of a min-max range stays
+        within half a stored step of the grid.
+        """
         scale = scale.clamp(min=_MIN_SCALE)
         finfo = torch.finfo(self.torch_scale_dtype)
         if bool((scale > finfo.max).any()):
@@ -84,7 +92,17 @@ class IntegerFormat(Format):
                 f"weight magnitude too large for {self.scale_dtype} scales (scale {float(scale.max()):.3g} > "
                 f"{finfo.max:.3g}); use scale_dtype='float32'"
             )
-        return scale.to(self.torch_scale_dtype).float()
+        stored = scale.to(self.torch_scale_dtype)
+        up = torch.nextafter(stored, torch.full_like(stored, float("inf")))
+        stored = torch.where(stored.float() < scale, up, stored).float()
+        # the far end of the grid, ``(q - zero) * scale``, must be a float32 too (bf16/fp32 scales near
+        # the float32 maximum would dequantize to inf)
+        if not bool(torch.isfinite(stored * (2 ** (self.bits - 1) if self.sym else self.maxq)).all()):
+            raise ValueError(
+                f"weight magnitude too large for {self.bits}-bit codes: the grid of scale {float(stored.max()):.3g} "
+                "overflows float32"
+            )
+        return stored
 
     def params_from_range(self, xmin: torch.Tensor, xmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, zero) for value ranges ``[xmin, xmax]`` (any matching shapes)."""

@@ -59,7 +59,8 @@ def _pack_uniform(codes: torch.Tensor, bits: int) -> torch.Tensor:
     c = codes.to(torch.int64)
     if pad:
         c = torch.nn.functional.pad(c, (0, pad))
-    c = c.reshape(*c.shape[:-1], -1, per)
+    # explicit sizes, never -1: with zero rows (an empty row slice) -1 is ambiguous and reshape raises
+    c = c.reshape(*c.shape[:-1], c.shape[-1] // per, per)
     shifts = torch.arange(per, dtype=torch.int64, device=c.device) * bits
     return _to_int32((c << shifts).sum(-1))
 
@@ -69,7 +70,7 @@ def _unpack_uniform(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     shifts = torch.arange(per, dtype=torch.int32, device=packed.device) * bits
     mask = (1 << bits) - 1
     codes = (packed.unsqueeze(-1) >> shifts) & mask
-    return codes.reshape(*packed.shape[:-1], -1)[..., :n].to(torch.uint8)
+    return codes.reshape(*packed.shape[:-1], packed.shape[-1] * per)[..., :n].to(torch.uint8)
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -89,10 +90,10 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     c = codes.to(torch.int64)
     if pad:
         c = torch.nn.functional.pad(c, (0, pad))
-    c = c.reshape(*c.shape[:-1], -1, 32)  # [..., groups, 32]
+    c = c.reshape(*c.shape[:-1], c.shape[-1] // 32, 32)  # [..., groups, 32]
     low = _pack_uniform(c & 3, 2)  # [..., groups, 2]
     high = _pack_uniform(c >> 2, 1)  # [..., groups, 1]
-    return torch.cat([low, high], dim=-1).reshape(*c.shape[:-2], -1)
+    return torch.cat([low, high], dim=-1).reshape(*c.shape[:-2], c.shape[-2] * 3)
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
@@ -107,8 +108,8 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         )
     if bits != 3:
         return _unpack_uniform(packed, bits, n)
-    g = packed.reshape(*packed.shape[:-1], -1, 3)
+    g = packed.reshape(*packed.shape[:-1], packed.shape[-1] // 3, 3)
     low = _unpack_uniform(g[..., :2].contiguous(), 2, 32)  # [..., groups, 32]
     high = _unpack_uniform(g[..., 2:].contiguous(), 1, 32)
     codes = low | (high << 2)
-    return codes.reshape(*packed.shape[:-1], -1)[..., :n]
+    return codes.reshape(*packed.shape[:-1], g.shape[-2] * 32)[..., :n]

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from wct.integrations.atomic import atomic_folder, verify_manifest
 from wct.nn.act_quant_linear import ActQuantLinear
 from wct.quantize.model_utils import set_module
 from wct.quantize.outliertune import ActQuantConfig, model_act_quant_bytes, quantize_activations
@@ -55,13 +54,6 @@ def is_outliertune_checkpoint(path: str | os.PathLike | None) -> bool:
         return False
 
 
-def _normal_permissions(folder: Path) -> None:
-    """mkdtemp makes a private (0700) folder; give the finished checkpoint ordinary modes (755 / 644)."""
-    os.chmod(folder, 0o755)
-    for f in folder.rglob("*"):
-        os.chmod(f, 0o755 if f.is_dir() else 0o644)
-
-
 def layer_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
     return {n: m.spec() for n, m in model.named_modules() if isinstance(m, ActQuantLinear)}
 
@@ -82,13 +74,8 @@ def save_outliertune(
     if not specs:
         raise ValueError("the model has no ActQuantLinear layers; run quantize_activations first")
     target = Path(path)
-    if target.exists() and not target.is_dir():
-        raise FileExistsError(f"{target} exists and is not a folder")
-    if target.exists() and any(target.iterdir()) and not overwrite:
-        raise FileExistsError(f"{target} exists and is not empty; pass overwrite=True to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
+    with atomic_folder(target, overwrite=overwrite) as tmp_dir:
+        tmp = Path(tmp_dir)
         model.config.save_pretrained(tmp)
         meta = {
             "format": FORMAT, "version": VERSION, "config": None if config is None else config.to_dict(),
@@ -99,16 +86,6 @@ def save_outliertune(
         save_model(model, str(tmp / WEIGHTS_FILE))  # drops the duplicate of tied tensors
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _normal_permissions(tmp)
-        if target.exists():
-            aside = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
-            os.replace(target, aside / "old")
-            os.replace(tmp, target)
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -120,6 +97,7 @@ def load_outliertune(path: str | os.PathLike, device: str | torch.device = "cpu"
     path = Path(path)
     if not is_outliertune_checkpoint(path):
         raise ValueError(f"{path} is not an OutlierTune checkpoint (no {CONFIG_FILE} with format {FORMAT!r})")
+    verify_manifest(path)
     meta = json.loads((path / CONFIG_FILE).read_text())
     if int(meta.get("version", 0)) > VERSION:
         raise ValueError(f"{path} was written by a newer wct (format version {meta['version']} > {VERSION})")

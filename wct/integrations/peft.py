@@ -25,7 +25,9 @@
 :func:`load_adapter` is the checked way to load an adapter directory: it
 registers first (a bare ``PeftModel.from_pretrained`` without ``import wct`` dies
 with ``KeyError: 'WCT'``), and it turns a missing, corrupt or incomplete file
-into a ``ValueError`` that names the file and the fix.
+into a ``ValueError`` that names the file and the fix.  Adapters saved with
+``wct.save_pretrained(peft_model, path)`` are written atomically with a checksum
+manifest, which ``load_adapter`` verifies.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from peft.tuners.lora.model import LoraModel
 from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
 from torch import nn
 
+from wct.integrations.atomic import verify_manifest
 from wct.nn import QuantLinear
 from wct.tuners.lora import QuantLoraLinear
 from wct.tuners.wct import WCT_PEFT_TYPE, WCT_PREFIX, WCTConfig, WCTModel, quant_linear_layers
@@ -199,6 +202,7 @@ def load_adapter(
     if local:
         if not os.path.isdir(path):
             raise ValueError(f"{path} is a file: pass the adapter directory (with {CONFIG_NAME}) instead")
+        verify_manifest(path)  # present when wct.save_pretrained wrote the adapter: catches flipped bits too
         _read_config(path)
         file, keys = _weight_file_keys(path)
     if isinstance(model, PeftModel):

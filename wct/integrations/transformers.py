@@ -23,9 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
-import uuid
 from dataclasses import fields
 from typing import Any, Iterable
 
@@ -35,10 +32,12 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from wct.integrations.atomic import atomic_folder, interrupted_copy, missing_path_message, verify_manifest
 from wct.nn import QuantLinear
 from wct.quantize import QuantConfig
 from wct.quantize import quantize_model as _quantize_modules
 from wct.quantize.api import QUANT_ATTR
+from wct.resources import check_memory_for_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +172,8 @@ class WCTHfQuantizer(HfQuantizer):
                 raise WCTCheckpointError(f"{where}: bad layer spec in quantization_config ({e})") from None
             _set_module(model, where, q)
         if checkpoint_files:
+            for folder in sorted({os.path.dirname(os.fspath(f)) for f in checkpoint_files}):
+                verify_manifest(folder)  # a flipped bit in a packed code is a valid code: only a checksum sees it
             _check_files_against_model(model, self.quantization_config.layers, checkpoint_files)
         return model
 
@@ -383,35 +384,21 @@ def save_pretrained(
     Why atomic: a checkpoint is several files; a crash or a full disk halfway must
     never leave a directory that looks complete.  Everything is written into a
     temporary sibling (same filesystem, so ``rename`` is atomic), fsynced, then
-    renamed into place.  With ``overwrite=True`` an existing copy is renamed away
-    only once the new one is complete, and deleted last.
+    swapped into place (:mod:`wct.integrations.atomic`).  With ``overwrite=True``
+    the old copy stays at the path until the new one is complete.  A
+    ``wct_manifest.json`` records the sha256 of every file, checked on load.
     """
     if kwargs.pop("push_to_hub", False):
         raise ValueError("save_pretrained(push_to_hub=True) is not atomic: save first, then call model.push_to_hub(...)")
     if kwargs.get("safe_serialization") is False:
         raise ValueError("wct checkpoints are safetensors only (no pickle): drop safe_serialization=False")
-    out = os.path.abspath(os.fspath(out_dir))
-    parent, base = os.path.dirname(out), os.path.basename(out)
-    if os.path.lexists(out) and not os.path.isdir(out):
-        raise FileExistsError(f"{out} exists and is not a directory: choose another path or remove it")
-    if os.path.isdir(out) and os.listdir(out) and not overwrite:
-        raise FileExistsError(
-            f"{out} already exists and is not empty: pass overwrite=True to replace it (the old copy is kept until "
-            "the new one is complete)"
-        )
     if not _is_peft(model):  # a PEFT wrapper saves only its adapter; the base's table is not written
         sync_quantization(model)  # the spec table must describe exactly the modules being saved
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
-    try:
+    with atomic_folder(out_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, **kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _fsync_tree(tmp)
-        _swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    out = os.path.abspath(os.fspath(out_dir))
     return out
 
 
@@ -430,7 +417,17 @@ def load_quantized(path: str | os.PathLike, auto_class: Any = None, **kwargs: An
     kwargs["use_safetensors"] = True
     path = os.fspath(path)
     expects_wct = False
+    if not os.path.exists(path):
+        looks_local = os.path.isabs(path) or path.startswith(".") or path.count("/") > 1  # hub ids are "org/name"
+        if looks_local or interrupted_copy(path):
+            raise FileNotFoundError(missing_path_message(path))
     if os.path.isdir(path):
+        verify_manifest(path)
+        for name in sorted(os.listdir(path)):
+            if name.endswith(".safetensors"):  # before transformers opens them: errors name the file
+                read_safetensors_header(os.path.join(path, name))
+        # headers only: fails early, with the numbers, instead of being killed halfway through the load
+        check_memory_for_checkpoint(path, kwargs.get("dtype", kwargs.get("torch_dtype")))
         names = os.listdir(path)
         if not any(n.endswith(".safetensors") for n in names):
             pickles = sorted(n for n in names if n.endswith((".bin", ".pt", ".pth", ".ckpt")))
@@ -473,6 +470,10 @@ def _unregistered_message(path: str) -> str:
     )
 
 
+_SAFETENSORS_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                      "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
 def read_safetensors_header(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], str]]:
     """Tensor name -> (shape, dtype code) from a safetensors file, reading only its header.
 
@@ -493,18 +494,40 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, tuple[tuple[in
     if not isinstance(header, dict):
         raise WCTCheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     out: dict[str, tuple[tuple[int, ...], str]] = {}
-    end = 0
+    spans = []
     for key, info in header.items():
         if key == "__metadata__":
             continue
         try:
-            out[key] = (tuple(int(s) for s in info["shape"]), str(info["dtype"]))
-            end = max(end, int(info["data_offsets"][1]))
+            shape, dtype = tuple(int(s) for s in info["shape"]), str(info["dtype"])
+            begin, stop = (int(v) for v in info["data_offsets"])
         except (KeyError, TypeError, ValueError, IndexError):
             raise WCTCheckpointError(f"{path}: corrupt safetensors header entry for {key!r}") from None
+        numel = 1
+        for d in shape:
+            numel *= d
+        width = _SAFETENSORS_BYTES.get(dtype)
+        if width is None or min(shape, default=0) < 0 or not 0 <= begin <= stop or stop - begin != numel * width:
+            raise WCTCheckpointError(
+                f"{path}: header entry {key!r} is inconsistent (shape {list(shape)}, dtype {dtype}, bytes "
+                f"{begin}..{stop}): the file is corrupt; re-download or re-save it"
+            )
+        out[key] = (shape, dtype)
+        spans.append((begin, stop, key))
+    spans.sort()
+    end = 0
+    for begin, stop, key in spans:  # tensors must tile the data section: no gaps, no overlaps
+        if begin != end:
+            raise WCTCheckpointError(f"{path}: header entry {key!r} starts at byte {begin}, expected {end}: corrupt file")
+        end = stop
     if 8 + n + end > size:
         raise WCTCheckpointError(
             f"{path}: truncated: the header needs {8 + n + end} bytes but the file has {size}; re-download or re-save it"
+        )
+    if 8 + n + end < size:
+        raise WCTCheckpointError(
+            f"{path}: {size - 8 - n - end} bytes after the last tensor the header describes: the file is corrupt "
+            "(or was appended to); re-download or re-save it"
         )
     return out
 
@@ -655,51 +678,3 @@ def _check_no_tied_quantlinear(model: nn.Module) -> None:
             "the output embedding (lm_head) is a QuantLinear but config.tie_word_embeddings=True: a tied lm_head "
             "cannot be packed. Quantize with include_lm_head=False, or untie it (config.tie_word_embeddings=False) first"
         )
-
-
-def _fsync_tree(root: str) -> None:
-    """Flush every file and directory under ``root`` to disk (rename is only atomic for data that is on disk)."""
-    for dirpath, _dirs, files in os.walk(root):
-        for fn in files:
-            fd = os.open(os.path.join(dirpath, fn), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(dirpath)
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. platforms that cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _swap_into_place(tmp: str, out: str) -> None:
-    """Rename the finished ``tmp`` to ``out``; an existing ``out`` is moved away first and deleted last."""
-    parent = os.path.dirname(out)
-    if not os.path.isdir(out):
-        os.rename(tmp, out)
-        _fsync_dir(parent)
-        return
-    if not os.listdir(out):
-        os.rmdir(out)
-        os.rename(tmp, out)
-        _fsync_dir(parent)
-        return
-    old = os.path.join(parent, f".{os.path.basename(out)}.old-{uuid.uuid4().hex[:8]}")
-    os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        os.rename(old, out)  # put the previous copy back
-        raise
-    _fsync_dir(parent)
-    shutil.rmtree(old, ignore_errors=True)

@@ -121,3 +121,19 @@ def write_adapter_checksum(model, output_dir: str, rank: int, world_size: int = 
     rec = {"sha256": digest, "rank": rank, "world_size": world_size}
     Path(output_dir, f"adapter_checksum_rank{rank}.txt").write_text(json.dumps(rec) + "\n")
     return digest
+
+
+def save_final_adapter(trainer, output_dir: str, tokenizer=None) -> str:
+    """Write the trained adapter to ``output_dir/adapter`` atomically (with a checksum manifest); returns the path.
+
+    Why not ``trainer.save_model(output_dir)``: it writes the adapter files one by one over
+    whatever a previous run left there, so a kill halfway mixes two adapters.  The folder
+    is separate from the Trainer's ``checkpoint-N`` folders, and only the main process writes.
+    """
+    from wct.integrations.transformers import save_pretrained
+
+    path = os.path.join(output_dir, "adapter")
+    if trainer.accelerator.is_main_process:
+        save_pretrained(trainer.model, path, overwrite=True, tokenizer=tokenizer)
+    trainer.accelerator.wait_for_everyone()
+    return path

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from wct.nn import QuantLinear
 
 from .config import QuantConfig
-from .model_utils import linear_weight, quantizable_linears, set_module
+from .model_utils import check_finite_weights, linear_weight, quantizable_linears, set_module
 from .opq import opq_outlier_mask
 
 QUANT_ATTR = "wct_quantization"  # model attribute: {"config": QuantConfig, "layers": {name: spec}}
@@ -62,6 +62,7 @@ def quantize_model(
         targets = quantizable_linears(model, config.include_lm_head, config.skip_modules)
         if not targets:
             raise ValueError("no Linear layers found to quantize")
+        check_finite_weights(targets)  # NaN/Inf named by layer, before any layer is replaced
         for name, lin in tqdm(targets.items(), desc=f"quantize {config.method}", disable=not progress):
             set_module(model, name, quantize_linear(lin, config))
     record_quantization(model, config)

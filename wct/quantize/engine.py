@@ -7,7 +7,13 @@
    block to produce the next block's inputs.
 
 Memory: one block's statistics plus the calibration activations
-(``n_samples × seq_len × d_model`` fp32, twice).
+(``n_samples × seq_len × d_model`` in the model's dtype, twice: a block's inputs and
+outputs).  Before capturing, and before each block, the engine estimates what the next
+step adds and checks it against the free memory (:mod:`wct.resources`), so a run that
+cannot fit fails at once with the numbers instead of being OOM-killed later.
+
+Numerical hygiene: NaN/Inf in a weight, in a layer's calibration inputs or in the GWQ
+gradients raise :class:`~wct.quantize.model_utils.NonFiniteError` naming the layer.
 """
 
 from __future__ import annotations
@@ -19,13 +25,24 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from wct import resources
 from wct.formats.integer import IntegerFormat
 from wct.nn import QuantLinear
 
 from .config import QuantConfig
 from .gptq import GPTQ
-from .gwq import gradient_scores, outlier_mask_from_scores
-from .model_utils import find_blocks, find_linears, linear_weight, quantizable_linears, set_module
+from .gwq import gradient_memory_bytes, gradient_scores, outlier_mask_from_scores
+from .model_utils import (
+    CHECK_HINT,
+    NonFiniteError,
+    check_finite_weights,
+    find_blocks,
+    find_linears,
+    first_bad_sample,
+    linear_weight,
+    quantizable_linears,
+    set_module,
+)
 from .owq import allocate_weak_columns, column_sensitivity, select_weak_columns
 
 log = logging.getLogger(__name__)
@@ -78,10 +95,14 @@ def _get_hidden(args, kwargs):
 @torch.no_grad()
 def _run_block(block: nn.Module, inputs, hooks_ctx=None) -> list[torch.Tensor]:
     outs = []
+    sample = 0  # index of the batch's first calibration window, for error messages
     for args, kwargs in inputs:
         if hooks_ctx is not None:
             hooks_ctx.clear()
+            hooks_ctx.sample0 = sample
         outs.append(_hidden_of(block(*args, **kwargs)))
+        h = _get_hidden(args, kwargs)
+        sample += h.shape[0] if h.dim() >= 3 else 1
     return outs
 
 
@@ -89,7 +110,9 @@ class _HessianCollector:
     """Forward hooks that feed each Linear's input to a GPTQ accumulator, sharing
     one accumulator between layers that read the very same tensor (q/k/v, gate/up)."""
 
-    def __init__(self, layers: dict[str, nn.Module]) -> None:
+    def __init__(self, layers: dict[str, nn.Module], prefix: str = "") -> None:
+        self.prefix = prefix  # the block's qualified name, for error messages
+        self.sample0 = 0  # first calibration window of the current batch (set by _run_block)
         self.stats: dict[str, GPTQ] = {}
         self.owner: dict[str, str] = {}
         # inputs seen during the current forward call; holding the tensors keeps them
@@ -113,8 +136,13 @@ class _HessianCollector:
                 self.stats[name] = GPTQ(x.shape[-1], device=x.device)
             try:
                 self.stats[name].add_batch(x)
-            except FloatingPointError as e:
-                raise FloatingPointError(f"{name}: {e}") from None
+            except FloatingPointError:
+                bad = first_bad_sample(x) if x.dim() >= 3 else 0
+                full = f"{self.prefix}.{name}" if self.prefix else name
+                raise NonFiniteError(
+                    f"{full}: calibration inputs contain NaN/Inf (first bad sample {self.sample0 + max(bad, 0)}) — "
+                    f"{CHECK_HINT}"
+                ) from None
 
         return fn
 
@@ -146,6 +174,42 @@ def _call_order_groups(block: nn.Module, layers: dict[str, nn.Module], inputs) -
             groups.append([name])
         last_ptr = ptr
     return groups
+
+
+def block_memory_bytes(
+    layers: dict[str, nn.Module], shared: list[list[str]], out_bytes: int, batch_tokens: int, true_sequential: bool,
+) -> dict[str, int]:
+    """What quantizing one block adds to memory, by part (a lower bound; see :mod:`wct.resources`).
+
+    * block outputs: the next block's inputs, ``out_bytes`` (as many as the inputs held now);
+    * Hessians: ``in² × 4`` bytes per distinct input (``shared``: layer names grouped by the
+      tensor they read), all of the block's at once, or one group's with ``true_sequential``;
+    * solver: for the largest layer, four fp32 ``[out, in]`` copies (weight, working copy,
+      codes, result) and four ``[in, in]`` (Hessian copy, damped, factor, inverse);
+    * forward: one batch through the block, ``batch_tokens × max(out) × 4`` bytes, four times.
+    """
+    shapes = {n: tuple(linear_weight(m).shape) for n, m in layers.items()}
+    if not shapes:
+        return {}
+    hess, seen = [], set()
+    for g in shared:
+        members = [n for n in g if n in shapes]
+        if members:
+            hess.append(shapes[members[0]][1] ** 2 * 4)
+            seen.update(members)
+    hess += [i * i * 4 for n, (_o, i) in shapes.items() if n not in seen]
+    return {
+        "block outputs": out_bytes,
+        "Hessians": max(hess) if true_sequential else sum(hess),
+        "solver": max(16 * o * i + 16 * i * i for o, i in shapes.values()),
+        "forward": batch_tokens * max(o for o, _i in shapes.values()) * 16,
+    }
+
+
+def _check_block_memory(parts: dict[str, int], prefix: str, method: str, device) -> None:
+    if parts:
+        detail = " + ".join(f"{k} {resources.format_bytes(v)}" for k, v in parts.items())
+        resources.check_memory(sum(parts.values()), f"quantizing {prefix} with {method} ({detail})", device=device)
 
 
 def _solve_layer(
@@ -189,55 +253,84 @@ def quantize_calibrated(
     if not isinstance(fmt, IntegerFormat):
         raise ValueError(f"{config.method} solves integer formats; got {fmt.name}")
     block_name, blocks = find_blocks(model)
+    check_finite_weights(quantizable_linears(model, config.include_lm_head, config.skip_modules))
+
+    # up front, before any work: the calibration activations (a block's inputs and outputs)
+    device = next(model.parameters()).device
+    n_samples, seq_len = calibration.shape
+    d_model = getattr(model.config, "hidden_size", None) or linear_weight(next(iter(find_linears(blocks[0]).values()))).shape[1]
+    elt = next(p for p in blocks[0].parameters() if p.is_floating_point()).element_size()
+    act_bytes = n_samples * seq_len * d_model * elt
+    what = (f"{config.method} calibration activations: a block's inputs and outputs, {n_samples} samples × {seq_len} "
+            f"tokens × {d_model} × {elt} bytes, twice")
+    needed = 2 * act_bytes
+    gwq_targets = None
+    if config.method == "gwq":
+        gwq_targets = quantizable_linears(model, False, config.skip_modules)
+        n_grad = min(n_samples, max(1, int(config.extra.get("gwq_samples", 8))))
+        gwq_bytes = gradient_memory_bytes(gwq_targets, seq_len, getattr(model.config, "vocab_size", 0) or 0, elt)
+        needed += gwq_bytes
+        what += f", plus GWQ gradient scores and the backward pass of one window (of {n_grad}) ({resources.format_bytes(gwq_bytes)})"
+    resources.check_memory(needed, what, device=device)
+
     use_cache = getattr(model.config, "use_cache", None)
     if use_cache is not None:
         model.config.use_cache = False
-    t0 = time.time()
-    report: dict = {"layers": {}}
+    try:
+        t0 = time.time()
+        report: dict = {"layers": {}}
 
-    grad_scores = None
-    if config.method == "gwq":
-        targets = {n: m for n, m in quantizable_linears(model, False, config.skip_modules).items()}
-        grad_scores = gradient_scores(
-            model, targets, calibration, n_samples=int(config.extra.get("gwq_samples", 8)),
-            squared=config.extra.get("gwq_score", "gradient") == "fisher", progress=progress,
-        )
+        grad_scores = None
+        if config.method == "gwq":
+            targets = gwq_targets
+            grad_scores = gradient_scores(
+                model, targets, calibration, n_samples=int(config.extra.get("gwq_samples", 8)),
+                squared=config.extra.get("gwq_score", "gradient") == "fisher", progress=progress,
+            )
 
-    inputs = capture_block_inputs(model, blocks[0], calibration, batch_size)
-    d_model = _get_hidden(*inputs[0]).shape[-1]
-    for bi in tqdm(range(len(blocks)), desc=f"{config.method} blocks", disable=not progress):
-        block = blocks[bi]
-        prefix = f"{block_name}.{bi}"
-        layers = {n: m for n, m in find_linears(block).items() if not any(s and s in f"{prefix}.{n}" for s in config.skip_modules)}
-        n_weak = {n: 0 for n in layers}
-        if config.method == "owq" and config.target_bits:
-            shapes = {n: tuple(linear_weight(m).shape) for n, m in layers.items()}
-            n_weak = allocate_weak_columns(shapes, d_model, config.wbits, config.target_bits)
-        groups = _call_order_groups(block, layers, inputs) if config.true_sequential else [list(layers)]
-        for group in groups:
-            collector = _HessianCollector({n: layers[n] for n in group})
-            try:
-                _run_block(block, inputs, collector)
-            finally:
-                collector.remove()
-            for n in group:
-                full = f"{prefix}.{n}"
-                q, info = _solve_layer(
-                    full, layers[n], collector.hessian(n), config, fmt, n_weak[n],
-                    grad_scores.pop(full) if grad_scores is not None else None,
-                )
-                set_module(block, n, q)
-                report["layers"][full] = info
-            del collector
-        outs = _run_block(block, inputs)
-        inputs = [_replace_hidden(a, k, h) for (a, k), h in zip(inputs, outs)]
-    if config.include_lm_head:
-        from .api import quantize_linear
+        inputs = capture_block_inputs(model, blocks[0], calibration, batch_size)
+        d_model = _get_hidden(*inputs[0]).shape[-1]
+        # which layers read the same tensor (they share a Hessian): the blocks are alike, so block 0 tells
+        shared = _call_order_groups(blocks[0], find_linears(blocks[0]), inputs)
+        first = _get_hidden(*inputs[0])
+        batch_tokens = first.shape[:-1].numel()
+        for bi in tqdm(range(len(blocks)), desc=f"{config.method} blocks", disable=not progress):
+            block = blocks[bi]
+            prefix = f"{block_name}.{bi}"
+            layers = {n: m for n, m in find_linears(block).items() if not any(s and s in f"{prefix}.{n}" for s in config.skip_modules)}
+            out_bytes = sum(_get_hidden(a, k).numel() * _get_hidden(a, k).element_size() for a, k in inputs)
+            parts = block_memory_bytes(layers, shared, out_bytes, batch_tokens, config.true_sequential)
+            _check_block_memory(parts, prefix, config.method, device)
+            n_weak = {n: 0 for n in layers}
+            if config.method == "owq" and config.target_bits:
+                shapes = {n: tuple(linear_weight(m).shape) for n, m in layers.items()}
+                n_weak = allocate_weak_columns(shapes, d_model, config.wbits, config.target_bits)
+            groups = _call_order_groups(block, layers, inputs) if config.true_sequential else [list(layers)]
+            for group in groups:
+                collector = _HessianCollector({n: layers[n] for n in group}, prefix)
+                try:
+                    _run_block(block, inputs, collector)
+                finally:
+                    collector.remove()
+                for n in group:
+                    full = f"{prefix}.{n}"
+                    q, info = _solve_layer(
+                        full, layers[n], collector.hessian(n), config, fmt, n_weak[n],
+                        grad_scores.pop(full) if grad_scores is not None else None,
+                    )
+                    set_module(block, n, q)
+                    report["layers"][full] = info
+                del collector
+            outs = _run_block(block, inputs)
+            inputs = [_replace_hidden(a, k, h) for (a, k), h in zip(inputs, outs)]
+        if config.include_lm_head:
+            from .api import quantize_linear
 
-        for name, lin in quantizable_linears(model, True, config.skip_modules).items():
-            if not name.startswith(block_name + "."):
-                set_module(model, name, quantize_linear(lin, QuantConfig(method="rtn", wbits=config.wbits, group_size=config.group_size, sym=config.sym)))
-    if use_cache is not None:
-        model.config.use_cache = use_cache
+            for name, lin in quantizable_linears(model, True, config.skip_modules).items():
+                if not name.startswith(block_name + "."):
+                    set_module(model, name, quantize_linear(lin, QuantConfig(method="rtn", wbits=config.wbits, group_size=config.group_size, sym=config.sym)))
+    finally:
+        if use_cache is not None:
+            model.config.use_cache = use_cache
     report["seconds"] = time.time() - t0
     return report

@@ -22,6 +22,8 @@ from tqdm.auto import tqdm
 
 from wct.formats.integer import IntegerFormat
 
+from .model_utils import CHECK_HINT, NonFiniteError, linear_weight
+
 
 def gradient_scores(
     model: nn.Module,
@@ -31,7 +33,11 @@ def gradient_scores(
     squared: bool = False,
     progress: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """``{name: [out, in] fp32}`` accumulated |gradient| (or gradient²) of each listed layer's weight."""
+    """``{name: [out, in] fp32}`` accumulated |gradient| (or gradient²) of each listed layer's weight.
+
+    A NaN/Inf gradient (it sticks in the sums) is a :class:`NonFiniteError` naming the first such
+    layer and the calibration samples whose loss was not finite.
+    """
     scores = {n: torch.zeros_like(m.weight, dtype=torch.float32) for n, m in layers.items()}
     flags = {}
     for p in model.parameters():
@@ -49,11 +55,14 @@ def gradient_scores(
         handles.append(m.weight.register_post_accumulate_grad_hook(hook))
     was_training = model.training
     model.eval()
+    bad_loss: list[int] = []
     try:
         rows = calibration[: max(1, n_samples)]
         for i in tqdm(range(rows.shape[0]), desc="gwq gradients", disable=not progress):
             ids = rows[i : i + 1].to(next(model.parameters()).device)
             out = model(input_ids=ids, labels=ids, use_cache=False)
+            if not bool(torch.isfinite(out.loss.detach())):
+                bad_loss.append(i)
             out.loss.backward()
     finally:
         for h in handles:
@@ -62,7 +71,21 @@ def gradient_scores(
             p.requires_grad_(f)
             p.grad = None
         model.train(was_training)
+    for name, sc in scores.items():
+        if not bool(torch.isfinite(sc).all()):
+            why = f"the loss was NaN/Inf on calibration sample(s) {bad_loss[:8]}" if bad_loss else "the loss was finite"
+            raise NonFiniteError(f"{name}: GWQ gradients contain NaN/Inf ({why}) — {CHECK_HINT}")
     return scores
+
+
+def gradient_memory_bytes(layers: dict[str, nn.Module], seq_len: int, vocab_size: int, act_bytes: int = 4) -> int:
+    """What :func:`gradient_scores` adds, roughly: one fp32 score per weight of ``layers``, the
+    inputs that autograd saves for each of them on one ``seq_len`` window, and the logits
+    with their gradient (fp32, three copies)."""
+    shapes = [tuple(linear_weight(m).shape) for m in layers.values()]
+    scores = sum(o * i for o, i in shapes) * 4
+    saved = seq_len * sum(i for _, i in shapes) * act_bytes
+    return scores + saved + 3 * seq_len * vocab_size * 4
 
 
 def outlier_mask_from_scores(

@@ -67,3 +67,31 @@ def quantizable_linears(model: nn.Module, include_lm_head: bool = False, skip: t
         if (in_blocks or (include_lm_head and is_head)) and not any(s and s in name for s in skip):
             out[name] = mod
     return out
+
+
+class NonFiniteError(FloatingPointError, ValueError):
+    """NaN/Inf in a weight, a calibration activation or a gradient; the message names the layer."""
+
+
+CHECK_HINT = "check the calibration data / the fp model"
+
+
+def first_bad_sample(x: torch.Tensor) -> int:
+    """Index along dim 0 of the first row of ``x`` holding a NaN/Inf (-1 if none)."""
+    bad = (~torch.isfinite(x.reshape(x.shape[0], -1))).any(1).nonzero()
+    return int(bad[0]) if bad.numel() else -1
+
+
+@torch.no_grad()
+def check_finite_weights(layers: dict[str, nn.Module]) -> None:
+    """Raise :class:`NonFiniteError` naming the first Linear (of ``layers``, by name) whose weight holds NaN/Inf."""
+    for name, mod in layers.items():
+        w = linear_weight(mod)
+        finite = torch.isfinite(w)
+        if not bool(finite.all()):
+            n_bad = int((~finite).sum())
+            first = (~finite).nonzero()[0].tolist()
+            raise NonFiniteError(
+                f"{name}: weight contains NaN/Inf ({n_bad} of {w.numel()} values, first at [out, in] = {first}) — "
+                "the floating-point model is corrupt (a broken checkpoint or training run); nothing was quantized"
+            )

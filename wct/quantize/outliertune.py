@@ -58,12 +58,28 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from wct import resources
 from wct.nn import QuantLinear
 from wct.nn.act_quant_linear import ActQuantLinear, channel_transform, check_bits, qmax
 
-from .engine import _replace_hidden, _run_block, capture_block_inputs
+from .engine import (
+    _call_order_groups,
+    _check_block_memory,
+    _replace_hidden,
+    _run_block,
+    block_memory_bytes,
+    capture_block_inputs,
+)
 from .gptq import GPTQ
-from .model_utils import find_blocks, find_linears, linear_weight, set_module
+from .model_utils import (
+    CHECK_HINT,
+    NonFiniteError,
+    find_blocks,
+    find_linears,
+    first_bad_sample,
+    linear_weight,
+    set_module,
+)
 
 log = logging.getLogger(__name__)
 
@@ -380,8 +396,11 @@ class BlockStats:
 class _GroupRecorder:
     """Hooks that record each input tensor once per forward (layers sharing it share the statistics)."""
 
-    def __init__(self, linears: dict[str, nn.Module], norms: dict[str, nn.Module], percentile: float | None) -> None:
+    def __init__(self, linears: dict[str, nn.Module], norms: dict[str, nn.Module], percentile: float | None,
+                 prefix: str = "") -> None:
         self.percentile = percentile
+        self.prefix = prefix  # the block's qualified name, for error messages
+        self.sample0 = 0  # first calibration window of the current forward, for error messages
         self.n_seq = 1
         self.live: list[tuple[torch.Tensor, str]] = []  # holding the tensors keeps identity checks sound
         self.norm_out: list[tuple[str, torch.Tensor]] = []
@@ -409,7 +428,10 @@ class _GroupRecorder:
             self.live.append((x, owner))
             if owner not in self.stats:
                 self.stats[owner] = ChannelStats(x.shape[-1], self.percentile)
-            self.stats[owner].add(x, self.n_seq)
+            try:
+                self.stats[owner].add(x, self.n_seq)
+            except FloatingPointError:
+                raise _nonfinite(self.prefix, name, x, self.sample0) from None
         return fn
 
     def end_forward(self) -> None:
@@ -424,20 +446,27 @@ class _GroupRecorder:
         return BlockStats(list(self.groups.values()), self.stats)
 
 
+def _nonfinite(prefix: str, name: str, x: torch.Tensor, sample0: int) -> NonFiniteError:
+    bad = max(first_bad_sample(x), 0) if x.dim() >= 3 else 0
+    full = f"{prefix}.{name}" if prefix else name
+    return NonFiniteError(f"{full}: calibration inputs contain NaN/Inf (first bad sample {sample0 + bad}) — {CHECK_HINT}")
+
+
 def _norms(block: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in block.named_modules() if n and _is_norm(m)}
 
 
 @torch.no_grad()
-def block_stats(block: nn.Module, inputs, percentile: float | None = None) -> BlockStats:
+def block_stats(block: nn.Module, inputs, percentile: float | None = None, prefix: str = "") -> BlockStats:
     """Channel statistics of every Linear input of ``block`` over ``inputs`` (captured block inputs)."""
-    rec = _GroupRecorder(find_linears(block), _norms(block), percentile)
+    rec = _GroupRecorder(find_linears(block), _norms(block), percentile, prefix)
     try:
         for args, kwargs in inputs:
             h = args[0] if args else kwargs["hidden_states"]
             rec.n_seq = h.shape[0] if h.dim() >= 3 else 1
             block(*args, **kwargs)
             rec.end_forward()
+            rec.sample0 += rec.n_seq
     finally:
         rec.remove()
     return rec.result()
@@ -454,8 +483,8 @@ def collect_activation_stats(
     across methods and bit widths: pass the result as ``quantize_activations(..., stats=...)``.
     """
     _check_calibration(calibration, "collect_activation_stats")
-    _, blocks = find_blocks(model)
-    recs = [_GroupRecorder(find_linears(b), _norms(b), percentile) for b in blocks]
+    block_name, blocks = find_blocks(model)
+    recs = [_GroupRecorder(find_linears(b), _norms(b), percentile, f"{block_name}.{i}") for i, b in enumerate(blocks)]
     # release each block's inputs as soon as the block is done (identity only matters within a block)
     ends = [b.register_forward_hook(lambda _m, _i, _o, r=r: r.end_forward()) for b, r in zip(blocks, recs)]
     device = next(model.parameters()).device
@@ -463,7 +492,7 @@ def collect_activation_stats(
         for s in tqdm(range(0, calibration.shape[0], batch_size), desc="activation statistics", disable=not progress):
             batch = calibration[s : s + batch_size]
             for r in recs:
-                r.n_seq = batch.shape[0]
+                r.n_seq, r.sample0 = batch.shape[0], s
             model(input_ids=batch.to(device), use_cache=False)
             for r in recs:
                 r.end_forward()
@@ -608,17 +637,27 @@ def _sequential(model: nn.Module, config: ActQuantConfig, calibration: torch.Ten
     if use_cache is not None:
         model.config.use_cache = False
     report: dict = {"layers": {}}
+    device = next(model.parameters()).device
     try:
+        _check_activation_memory(model, blocks, calibration, config.method, device)
         inputs = capture_block_inputs(model, blocks[0], calibration, config.batch_size)
+        shared = _call_order_groups(blocks[0], find_linears(blocks[0]), inputs) if config.weight_solver == "gptq" else []
+        first = inputs[0][0][0] if inputs[0][0] else inputs[0][1]["hidden_states"]
+        batch_tokens = first.shape[:-1].numel()
         for bi in tqdm(range(len(blocks)), desc=f"{config.method} {config.tag} blocks", disable=not progress):
             block, prefix = blocks[bi], f"{block_name}.{bi}"
             layers = {n: m for n, m in find_linears(block).items() if _selected(f"{prefix}.{n}", config)}
+            out_bytes = sum(h.numel() * h.element_size() for h in (a[0] if a else k["hidden_states"] for a, k in inputs))
+            parts = block_memory_bytes(layers, shared, out_bytes, batch_tokens, False) if layers else {}
+            if config.weight_solver != "gptq":
+                parts.pop("Hessians", None)
+            _check_block_memory(parts, prefix, f"{config.method} {config.tag}", device)
             if layers:
                 if config.fold_gamma:
                     _fold_gammas(block, input_groups(block, inputs), prefix)
-                bs = block_stats(block, inputs, config.percentile)
+                bs = block_stats(block, inputs, config.percentile, prefix)
                 plans = _plan_block(layers, bs, config, prefix)
-                hessians = _hessians(block, layers, plans, inputs) if config.weight_solver == "gptq" else {}
+                hessians = _hessians(block, layers, plans, inputs, prefix) if config.weight_solver == "gptq" else {}
                 _replace_block_layers(block, prefix, layers, plans, config, hessians, report)
                 del hessians
             outs = _run_block(block, inputs)
@@ -627,6 +666,19 @@ def _sequential(model: nn.Module, config: ActQuantConfig, calibration: torch.Ten
         if use_cache is not None:
             model.config.use_cache = use_cache
     return report
+
+
+def _check_activation_memory(model: nn.Module, blocks: nn.ModuleList, calibration: torch.Tensor, method: str, device) -> None:
+    """Up front: the captured block inputs and one block's outputs (``n × seq_len × d_model``, twice)."""
+    n_samples, seq_len = calibration.shape
+    d_model = getattr(getattr(model, "config", None), "hidden_size", None) or linear_weight(
+        next(iter(find_linears(blocks[0]).values()))).shape[1]
+    elt = next(p for p in blocks[0].parameters() if p.is_floating_point()).element_size()
+    resources.check_memory(
+        2 * n_samples * seq_len * d_model * elt,
+        f"{method} calibration activations: a block's inputs and outputs, {n_samples} samples × {seq_len} tokens × "
+        f"{d_model} × {elt} bytes, twice", device=device,
+    )
 
 
 @torch.no_grad()
@@ -691,7 +743,7 @@ def _plan_block(layers: dict[str, nn.Module], bs: BlockStats, config: ActQuantCo
     return plans
 
 
-def _hessians(block, layers, plans: dict[str, _Plan], inputs) -> dict[str, GPTQ]:
+def _hessians(block, layers, plans: dict[str, _Plan], inputs, prefix: str = "") -> dict[str, GPTQ]:
     """GPTQ Hessians of the *transformed* inputs ``(x − z)/Δ`` (shared by layers reading one tensor)."""
     out: dict[str, GPTQ] = {}
     live: list[tuple[torch.Tensor, str]] = []  # keeps inputs alive so identity checks stay sound
@@ -705,13 +757,19 @@ def _hessians(block, layers, plans: dict[str, _Plan], inputs) -> dict[str, GPTQ]
         p = plans[key]
         if key not in out:
             out[key] = GPTQ(x.shape[-1], device=x.device)
-        out[key].add_batch(channel_transform(x.float(), p.scale, p.shift))
+        try:
+            out[key].add_batch(channel_transform(x.float(), p.scale, p.shift))
+        except FloatingPointError:
+            raise _nonfinite(prefix, key, x, sample[0]) from None
 
     hooks = _InputHooks(layers, record)
+    sample = [0]
     try:
         for args, kwargs in inputs:
             live.clear()
             block(*args, **kwargs)
+            h = args[0] if args else kwargs["hidden_states"]
+            sample[0] += h.shape[0] if h.dim() >= 3 else 1
     finally:
         hooks.remove()
     return out
