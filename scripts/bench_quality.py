@@ -110,11 +110,34 @@ def run_row(name: str, windows: int, n_calib: int, progress: bool) -> dict:
     t1 = time.time()
     rec["ppl"] = perplexity(model, test, seq_len=512, n_windows=windows, batch_size=4, progress=progress)
     rec.update(eval_seconds=round(time.time() - t1, 1), windows=windows, calib_samples=n_calib,
-               peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+               peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+               threads=torch.get_num_threads())
     rec["bits_per_weight"] = round(rec["bits_per_weight"], 4)
     rec["bits_anchor_protocol"] = round(rec["bits_anchor_protocol"], 4)
     rec["ppl"] = round(rec["ppl"], 3)
     return rec
+
+
+# Reference quantize times on 2 cores (../shared/anchors), seconds.
+ANCHOR_SECONDS = {"gptq-3": 496, "owq-3.01": 1007, "owq-3.1": 1025, "gptq-4": 432, "owq-4.01": 1717, "bnb-nf4": 5}
+
+
+def anchor_verdicts(records: list[dict]) -> list[str]:
+    """One line per anchored row: ours vs the reference's perplexity and quantize time (computed, not typed)."""
+    out = []
+    for r in records:
+        ref = ANCHORS.get(r["method"])
+        if ref is None or r["method"] == "fp32":
+            continue
+        rel = 100 * (r["ppl"] / ref - 1)
+        verdict = "better" if r["ppl"] < ref - 0.005 else ("equal" if abs(r["ppl"] - ref) <= 0.005 else "**worse**")
+        line = (f"- `{r['method']}`: {r['ppl']:.2f} vs {ref:.2f} ({rel:+.1f}%, {verdict}) at "
+                f"{r['bits_anchor_protocol']:.3f} anchor bits")
+        if r["method"] in ANCHOR_SECONDS and r.get("quantize_seconds"):
+            line += (f"; quantized in {r['quantize_seconds']:.0f} s vs {ANCHOR_SECONDS[r['method']]} s "
+                     f"({r.get('threads', '?')} threads{', other jobs sharing the cores' if r.get('contended') else ''})")
+        out.append(line + ".")
+    return out or ["- (no anchored rows yet)"]
 
 
 def write_reports(records: list[dict]) -> None:
@@ -146,6 +169,7 @@ def write_reports(records: list[dict]) -> None:
             f"| {r['method']} | {r['bits_per_weight']:.3f} | {r['bits_anchor_protocol']:.3f} | {r['ppl']:.2f} | "
             f"{ref if ref is not None else '–'} | {r['quantize_seconds']} | {r['windows']} |"
         )
+    lines += ["", "## Against the anchors (same bits, same protocol)", ""] + anchor_verdicts(records)
     notes = OUT / "quality_notes.md"
     if notes.exists():
         lines += ["", notes.read_text().strip()]
@@ -181,7 +205,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib-samples", type=int, default=128)
     ap.add_argument("--fresh", action="store_true", help="ignore cached rows")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--report-only", action="store_true", help="rewrite quality.md and the plot from the cached rows")
+    ap.add_argument("--contended", action="store_true",
+                    help="mark the rows' quantize times as measured while other jobs shared the CPU")
     args = ap.parse_args(argv)
+    cache = OUT / "quality.json"
+    if args.report_only:
+        write_reports(json.loads(cache.read_text()))
+        print((OUT / "quality.md").read_text())
+        return 0
     if not (DATA / "test.txt").exists():
         print(f"error: {DATA} not found: the benchmark needs ../shared/data/wikitext-2 beside the project", file=sys.stderr)
         return 2
@@ -196,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     for name in names:
         rec = run_row(name, args.windows, args.calib_samples, not args.no_progress)
+        if args.contended:
+            rec["contended"] = True
         records = [r for r in records if r["method"] != name] + [rec]
         write_reports(records)
         print(json.dumps(rec), flush=True)

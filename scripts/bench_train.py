@@ -15,7 +15,7 @@ Each row runs in a fresh subprocess (``--row NAME --json-out FILE``), so its pea
 rows are cached in docs/benchmarks/train.json and skipped when re-run with the same settings (``--fresh``
 re-runs them); docs/benchmarks/train.md and docs/train_loss.png are rewritten from all cached rows.
 
-    make bench-train                                   # all rows, 60 steps (see train.md for the time)
+    make bench-train                                   # all rows, 40 steps, 200 held-out records evaluated
     python -P scripts/bench_train.py --only lora-fp32,wct-owq-3.01 --steps 20
 """
 
