@@ -207,6 +207,7 @@ def run_row(name: str, args) -> dict:
         train_records=len(train), eval_records=len(held),
         calib_samples=args.calib_samples if spec.get("quant", {}).get("method") == "owq" else 0,
         threads=torch.get_num_threads(), device=str(trainer.args.device),
+        kernel_path=_kernel_path(spec, trainer.args.device),
         row_seconds=round(time.time() - t_start, 1), settings=_settings(args),
     )
     for key in ("eval_loss", "eval_loss_before", "step_seconds", "tokens_per_second"):
@@ -288,6 +289,15 @@ EXPECTED = """\
   quantized rows dequantize tiles in every forward/backward, so on CPU they may be slower than fp32."""
 
 
+def _kernel_path(spec: dict, device) -> str:
+    """Which matmul the base runs on (the kernels issue asks bench-train to say so)."""
+    if spec["base"] is None:
+        return "torch F.linear (fp32)"
+    if spec["base"] == "bnb":
+        return "bitsandbytes 4-bit"
+    return "wct.kernels triton" if str(device).startswith("cuda") else "wct.kernels torch (LUT dequant tiles)"
+
+
 def write_reports(records: list[dict], out_dir: Path, plot_path: Path) -> None:
     order = {k: i for i, k in enumerate(ROWS)}
     records = sorted(records, key=lambda r: order.get(r["method"], 99))
@@ -320,8 +330,8 @@ def write_reports(records: list[dict], out_dir: Path, plot_path: Path) -> None:
         lines += ["**Rows were run with different settings** (see `settings` in train.json): compare with care.", ""]
     lines += [
         "| method | bits/weight | trainable params | lr | held-out loss before | after | drop | step s | tokens/s "
-        "| train RSS MB | peak RSS MB | quantize s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| train RSS MB | peak RSS MB | quantize s | kernel path |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         tr = r.get("train_peak_rss_mb")
@@ -329,7 +339,7 @@ def write_reports(records: list[dict], out_dir: Path, plot_path: Path) -> None:
             f"| {r['method']} | {r['bits_per_weight']:.3f} | {r['trainable_params']:,} | {r['lr']:g} | "
             f"{r['eval_loss_before']:.4f} | {r['eval_loss']:.4f} | {r['eval_loss_before'] - r['eval_loss']:.4f} | "
             f"{r['step_seconds']:.2f} | {r['tokens_per_second']:.0f} | {'–' if tr is None else f'{tr:.0f}'} | "
-            f"{r['peak_rss_mb']:.0f} | {r['quantize_seconds']} |"
+            f"{r['peak_rss_mb']:.0f} | {r['quantize_seconds']} | {r.get('kernel_path', '–')} |"
         )
     bof = _by(records).get("wct-bof4s")
     if bof:

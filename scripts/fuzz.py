@@ -387,7 +387,7 @@ def summarize(target: str, recs: list[dict]) -> dict:
     out = {"target": target, "tried": len(recs)}
     for k in ("error", "intact", "garbage", "crash"):
         out[k] = sum(r["outcome"] == k for r in recs)
-    out["examples"] = [r for r in recs if r["outcome"] in ("garbage", "crash")][:5]
+    out["examples"] = ([r for r in recs if r["outcome"] == "crash"] + [r for r in recs if r["outcome"] == "garbage"])[:8]
     out["intact_mutations"] = [r["what"] for r in recs if r["outcome"] == "intact"][:5]
     return out
 

@@ -147,3 +147,28 @@ def test_engine_true_sequential_and_groups_run():
 def test_calibrated_method_without_data_is_a_clear_error():
     with pytest.raises(ValueError, match="needs calibration data"):
         quantize_model(make_tiny_llama(), QuantConfig(method="gptq"))
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_owq_grid_search_contains_the_shrink_search(bits):
+    """Exhaustive (width x zero point) search: never worse in its own Lp error than GPTQ's shrink or min-max,
+    because every shrink window is one of its candidates; coarse-to-fine stays within 1% of exhaustive."""
+    from wct.formats.integer import IntegerFormat
+
+    torch.manual_seed(0)
+    W = torch.randn(64, 96) * torch.rand(64, 1) + torch.rand(64, 1) * 0.5  # rows off-centre by different amounts
+    W[:4] = W[:4].abs()  # one-sided rows: a sliding window must help there
+    fmt = IntegerFormat(bits=bits)
+
+    def lp(s, z):
+        q = fmt.dequantize_values(fmt.quantize_values(W, s[:, None], z[:, None]), s[:, None], z[:, None])
+        return (q - W).abs().pow(2.4).sum(1)
+
+    e_min, e_mse = lp(*fmt.minmax_params(W)), lp(*fmt.mse_params(W, coarse=1))
+    e_grid = lp(*fmt.grid_params(W, coarse=1))
+    assert bool((e_grid <= e_mse * (1 + 1e-5)).all()) and bool((e_grid <= e_min * (1 + 1e-5)).all())
+    assert float(e_grid.sum()) < float(e_mse.sum())
+    assert float(lp(*fmt.grid_params(W)).sum()) <= float(e_grid.sum()) * 1.01
+    assert fmt.range_params(W, "grid")[0].shape == (64,)
+    with pytest.raises(ValueError, match="unknown range search"):
+        fmt.range_params(W, "bogus")

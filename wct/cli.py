@@ -60,7 +60,9 @@ def _add_quantize(sub) -> None:
     p.add_argument("--act-order", action="store_true")
     p.add_argument("--true-sequential", action="store_true")
     p.add_argument("--percdamp", type=float, default=0.01)
-    p.add_argument("--range-search", choices=("minmax", "mse"), default=None, help="default: mse for owq, minmax otherwise")
+    p.add_argument("--range-search", choices=("minmax", "mse", "grid"), default=None,
+                   help="scale/zero tuning: minmax, mse (GPTQ's shrink search) or grid (OWQ's width x zero-point "
+                        "search); default: grid for owq, minmax otherwise")
     p.add_argument("--calib", default=None, help="calibration text/JSON/JSONL file or dataset name (calibrated methods)")
     p.add_argument("--n-samples", type=int, default=128)
     p.add_argument("--seq-len", type=int, default=512)

@@ -157,6 +157,75 @@ class IntegerFormat(Format):
         p = 1 - best_i.float() / grid
         return self.params_from_range(p * xmin0, p * xmax0)
 
+    def range_params(self, w: torch.Tensor, search: str = "minmax") -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero) per row by one of the range searches: ``minmax``, ``mse`` (GPTQ's shrink), ``grid`` (OWQ's)."""
+        if search == "minmax":
+            return self.minmax_params(w)
+        if search == "mse":
+            return self.mse_params(w)
+        if search == "grid":
+            return self.grid_params(w)
+        raise ValueError(f"unknown range search {search!r}; use 'minmax', 'mse' or 'grid'")
+
+    def grid_params(
+        self, w: torch.Tensor, num: int = 100, norm: float = 2.4, coarse: int = 4
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row search over (scale, zero point) pairs: the OWQ reference's range tuning.
+
+        Unlike :meth:`mse_params` (GPTQ's: shrink ``[min, max]`` towards 0 by one factor), the
+        clipping window may also *slide*: scales ``s_i = i/num · (max − min)/maxq`` for
+        ``i = 1..num``, and for each one every zero point ``z = 0..maxq``, keeping per row the pair
+        with the smallest ``Σ|w − deq(w)|^norm``.  A row whose mass sits on one side of zero
+        gets a window that covers it instead of a symmetric shrink; on SmolLM2-135M OWQ 3.01
+        this is what separates the reference's numbers from GPTQ-style tuning.
+
+        Searched coarse-to-fine over ``i`` (every ``coarse``-th width with all zero points, then
+        the neighbours of each row's best, again with all zero points).  Symmetric formats have
+        a fixed zero point, so only the width is searched (``amax · i/num``).
+        """
+        w = w.float()
+        rows = w.shape[0]
+        xmin = torch.minimum(w.min(dim=1).values, torch.zeros(rows, device=w.device))
+        xmax = torch.maximum(w.max(dim=1).values, torch.zeros(rows, device=w.device))
+        if self.sym:
+            amax = torch.maximum(-xmin, xmax)
+            zeros_sym = torch.full_like(amax, float(2 ** (self.bits - 1)))
+
+            def params(i: torch.Tensor, _z=None):
+                return self.round_scale(2 * amax * i / num / self.maxq), zeros_sym
+            zs = [None]
+        else:
+            span = xmax - xmin
+
+            def params(i: torch.Tensor, z: int):
+                return self.round_scale(span * i / num / self.maxq), torch.full_like(span, float(z))
+            zs = list(range(self.maxq + 1))
+        best_err = torch.full((rows,), float("inf"), device=w.device)
+        best_i = torch.full((rows,), num, dtype=torch.long, device=w.device)
+        best_z = torch.zeros(rows, dtype=torch.long, device=w.device)
+
+        def try_width(i: torch.Tensor) -> None:
+            nonlocal best_err, best_i, best_z
+            for z in zs:
+                s, zz = params(i.float(), z)
+                err = (self.dequantize_values(self.quantize_values(w, s[:, None], zz[:, None]), s[:, None], zz[:, None])
+                       - w).abs_().pow_(norm).sum(1)
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                best_i = torch.where(better, i, best_i)
+                best_z = torch.where(better, torch.full_like(best_z, 0 if z is None else z), best_z)
+
+        step = max(1, coarse)
+        for i in range(num, 0, -step):  # from the full range down: ties keep the wider window
+            try_width(torch.full((rows,), i, dtype=torch.long, device=w.device))
+        if step > 1:
+            center = best_i.clone()
+            for d in range(-(step - 1), step):
+                if d:
+                    try_width((center + d).clamp(1, num))
+        s, z = params(best_i.float(), 0)
+        return s, (z if self.sym else best_z.float())
+
     def quantize_values(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         """Integer codes (as float) for ``w`` with broadcastable scale/zero."""
         return torch.clamp(torch.round(w / scale) + zero, 0, self.maxq)
@@ -173,7 +242,7 @@ class IntegerFormat(Format):
         scales, zeros = [], []
         for start in range(0, in_f, g):
             block = weight[:, start : start + g].float()
-            s, z = self.mse_params(block) if search == "mse" else self.minmax_params(block)
+            s, z = self.range_params(block, search)
             scales.append(s)
             zeros.append(z)
         return torch.stack(scales, 1), torch.stack(zeros, 1)

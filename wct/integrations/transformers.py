@@ -78,7 +78,13 @@ class WCTQuantizationConfig(QuantizationConfigMixin):
     ) -> None:
         kwargs.pop("quant_method", None)
         self.quant_method = QUANT_METHOD  # a plain str: the transformers mappings are keyed by str
-        self.format_version = int(format_version)
+        try:
+            self.format_version = int(format_version)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"quantization_config.format_version must be an integer, got {format_version!r}: the config.json is "
+                "corrupt; restore it or re-save the model"
+            ) from None
         if self.format_version > FORMAT_VERSION:
             raise ValueError(
                 f"this checkpoint uses wct format version {self.format_version}, but the installed wct reads up to "
@@ -444,7 +450,15 @@ def load_quantized(path: str | os.PathLike, auto_class: Any = None, **kwargs: An
             expects_wct = isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
             if expects_wct and not is_registered():
                 raise RuntimeError(_unregistered_message(path))
-    model = auto_class.from_pretrained(path, **kwargs)
+    try:
+        model = auto_class.from_pretrained(path, **kwargs)
+    except (ArithmeticError, AssertionError, AttributeError, IndexError, KeyError, TypeError) as e:
+        # transformers/safetensors internals tripping over a corrupt config.json or file: name the folder
+        raise WCTCheckpointError(
+            f"{path}: loading failed inside transformers ({type(e).__name__}: {e}); config.json or the weights are "
+            "corrupt or inconsistent (or a from_pretrained argument does not fit this model) — restore the files "
+            "from a good copy or re-save the model"
+        ) from e
     qc = getattr(model.config, "quantization_config", None)
     method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
     if expects_wct or method == QUANT_METHOD:

@@ -25,6 +25,14 @@ from wct.outliers import ColumnOutliers, SparseOutliers, index_dtype, keep_index
 _OUTLIER_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
+def _float_dtype(name: Any, field: str) -> torch.dtype:
+    """A floating dtype from its name in a layer spec; anything else is a corrupt spec, not an AttributeError."""
+    dt = getattr(torch, name, None) if isinstance(name, str) and name else None
+    if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
+        raise ValueError(f"layer spec field {field!r} must name a floating torch dtype (e.g. 'float32'), got {name!r}")
+    return dt
+
+
 class QuantLinear(nn.Module):
     def __init__(
         self,
@@ -155,7 +163,7 @@ class QuantLinear(nn.Module):
             n_weak=int(spec.get("n_weak", 0)),
             nnz=int(spec.get("nnz", 0)),
             outlier_dtype=spec.get("outlier_dtype", "float16"),
-            bias_dtype=getattr(torch, spec.get("bias_dtype", "float32")),
+            bias_dtype=_float_dtype(spec.get("bias_dtype", "float32"), "bias_dtype"),
             device=device,
         )
 

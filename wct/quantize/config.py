@@ -39,7 +39,7 @@ class QuantConfig:
     blocksize: int = 128
     act_order: bool = False
     true_sequential: bool = False
-    range_search: str | None = None  # "minmax" | "mse"; None = method default
+    range_search: str | None = None  # "minmax" | "mse" (GPTQ shrink) | "grid" (OWQ width x zero point); None = method default
     # scope
     include_lm_head: bool = False
     skip_modules: tuple[str, ...] = ()
@@ -57,6 +57,9 @@ class QuantConfig:
             raise ValueError(f"opq_quantile must be in (0, 1), got {self.opq_quantile}")
         if self.target_bits is not None and self.target_bits < self.wbits:
             raise ValueError(f"target_bits={self.target_bits} is below wbits={self.wbits}")
+        if self.range_search not in (None, "minmax", "mse", "grid"):
+            raise ValueError(f"range_search must be 'minmax', 'mse' or 'grid' (or None for the method default), got "
+                             f"{self.range_search!r}")
         self.skip_modules = tuple(self.skip_modules)
         self.format()  # validate format parameters early
 

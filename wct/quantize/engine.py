@@ -217,7 +217,7 @@ def _solve_layer(
     n_weak: int, grad_score: torch.Tensor | None,
 ) -> tuple[QuantLinear, dict]:
     W = linear_weight(linear).detach().float()
-    search = config.range_search or ("mse" if config.method == "owq" else "minmax")
+    search = config.range_search or ("grid" if config.method == "owq" else "minmax")
     info: dict = {}
     weak = None
     mask = None

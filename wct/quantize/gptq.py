@@ -110,7 +110,7 @@ class GPTQ:
 
         def fit(cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             # callers zero the outliers first, so they never stretch the range
-            return fmt.mse_params(cols) if range_search == "mse" else fmt.minmax_params(cols)
+            return fmt.range_params(cols, range_search)
 
         W_base = W[:, :nq]
         if mask is not None:

@@ -369,6 +369,9 @@ class _SymmetricGrid:
 
     mse_params = minmax_params
 
+    def range_params(self, w: torch.Tensor, search: str = "minmax") -> tuple[torch.Tensor, torch.Tensor]:
+        return self.minmax_params(w)  # activation-scaled weights: min-max per row, as the reference
+
     def quantize_values(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         return torch.clamp(torch.round(w / scale) + zero, 0, 2 * qmax(self.bits))
 

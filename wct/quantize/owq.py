@@ -33,7 +33,7 @@ def column_sensitivity(W: torch.Tensor, H: torch.Tensor, fmt: IntegerFormat, mod
         raise ValueError(f"unknown OWQ sensitivity {mode!r}; use 'hessian_error' or 'hessian'")
     W = W.float()
     per_channel = IntegerFormat(bits=fmt.bits, sym=fmt.sym)
-    s, z = per_channel.mse_params(W, grid=40)
+    s, z = per_channel.grid_params(W, num=40)  # the reference's temporary quantizer: its search, 40 widths
     Q = per_channel.dequantize_values(per_channel.quantize_values(W, s[:, None], z[:, None]), s[:, None], z[:, None])
     return diag * (W - Q).pow(2).sum(0)
 
