@@ -258,7 +258,9 @@ def child_main(job_file: str) -> int:
             same = out.shape == ref.shape and bool(torch.equal(out, ref))
             rec["outcome"] = "intact" if same else "garbage"
         except CLEAR_ERRORS as e:
-            rec.update(outcome="error", error=f"{type(e).__name__}: {str(e)[:300]}")
+            msg = str(e)
+            rec.update(outcome="error", error=f"{type(e).__name__}: {msg[:300]}",
+                       names_where=item["path"] in msg or "model." in msg or "layers." in msg)
         except Exception as e:  # noqa: BLE001 - anything else is an unhandled internal error: a crash
             rec.update(outcome="crash", error=f"{type(e).__name__}: {str(e)[:300]}")
         rec["seconds"] = round(time.time() - t0, 3)
@@ -387,6 +389,7 @@ def summarize(target: str, recs: list[dict]) -> dict:
     out = {"target": target, "tried": len(recs)}
     for k in ("error", "intact", "garbage", "crash"):
         out[k] = sum(r["outcome"] == k for r in recs)
+    out["errors_naming_file_or_layer"] = sum(bool(r.get("names_where")) for r in recs if r["outcome"] == "error")
     out["examples"] = ([r for r in recs if r["outcome"] == "crash"] + [r for r in recs if r["outcome"] == "garbage"])[:8]
     out["intact_mutations"] = [r["what"] for r in recs if r["outcome"] == "intact"][:5]
     return out
@@ -448,12 +451,13 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "tail"}), flush=True)
     print()
     print(f"fuzz summary (seed {args.seed}, {time.time() - t_start:.0f} s)")
-    print("| target | tried | clear error | intact | silent garbage | crash | lost data |")
+    print("| target | tried | clear error (naming the file or layer) | intact | silent garbage | crash | lost data |")
     print("|---|---|---|---|---|---|---|")
     bad = 0
     for r in rows:
         if r["target"] == "interrupted-save":
-            print(f"| interrupted save (SIGKILL) | {r['tried']} | – | {r['tried'] - r['lost']} | – | – | {r['lost']} |")
+            print(f"| interrupted save (SIGKILL at a random moment) | {r['tried']} | – | {r['tried'] - r['lost']} | – | – | "
+                  f"{r['lost']} |")
             bad += r["lost"] + r["temp_folders_after_next_save"]
         elif r["target"] == "properties":
             print(f"| property tests ({r['tests']} tests) | {r['tried']} | – | – | – | {r['failing']} | – |")
@@ -463,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             informational = r["target"] == "structure-only"
             print(f"| {r['target']}{' (checksums off; informational)' if informational else ''} | {r['tried']} | "
-                  f"{r['error']} | {r['intact']} | {r['garbage']} | {r['crash']} | – |")
+                  f"{r['error']} ({r['errors_naming_file_or_layer']}) | {r['intact']} | {r['garbage']} | {r['crash']} | – |")
             bad += r["crash"] + (0 if informational else r["garbage"])
     if args.json:
         Path(args.json).write_text(json.dumps({"seed": args.seed, "rows": rows}, indent=1) + "\n")

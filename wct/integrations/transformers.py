@@ -445,8 +445,14 @@ def load_quantized(path: str | os.PathLike, auto_class: Any = None, **kwargs: An
                 )
         cfg_file = os.path.join(path, "config.json")
         if os.path.isfile(cfg_file):
-            with open(cfg_file, encoding="utf-8") as f:
-                qc = json.load(f).get("quantization_config") or {}
+            try:
+                with open(cfg_file, encoding="utf-8") as f:
+                    cfg = json.load(f)
+                if not isinstance(cfg, dict):
+                    raise ValueError("not a JSON object")
+            except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
+                raise WCTCheckpointError(f"{cfg_file} is corrupt ({e}); restore it from a good copy or re-save the model") from None
+            qc = cfg.get("quantization_config") or {}
             expects_wct = isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
             if expects_wct and not is_registered():
                 raise RuntimeError(_unregistered_message(path))
