@@ -13,7 +13,8 @@ Targets, each printed as a row of figures:
   number, so without the checksum some mutations *must* load as garbage).
 * ``interrupted-save``: a subprocess saves checkpoints in a loop over an existing one and is
   SIGKILLed at a random moment; the path must still hold a complete, verified copy.
-* ``properties``: the hypothesis property tests (``tests/test_properties.py``) with a larger budget.
+* ``properties``: the hypothesis property tests (``tests/test_properties.py``, and the hypothesis-driven loader
+  fuzz in ``tests/test_integrity.py``) with a larger budget.
 
 Every load runs in a child process, so a segfault or an abort is counted (``crash``) instead of
 ending the run.  Outcomes: ``error`` (a ValueError/OSError/RuntimeError/MemoryError naming the
@@ -371,6 +372,7 @@ def property_tests(examples: int, seed: int) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WCT_FUZZ_EXAMPLES": str(examples)}
     t0 = time.time()
     proc = subprocess.run([sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "tests/test_properties.py"),
+                           str(ROOT / "tests/test_integrity.py") + "::test_hypothesis_fuzz_of_the_checkpoint_loader",
                            "--hypothesis-show-statistics", f"--hypothesis-seed={seed}"], cwd=ROOT, env=env,
                           capture_output=True, text=True)
     import re
@@ -378,7 +380,7 @@ def property_tests(examples: int, seed: int) -> dict:
     # hypothesis >= 6.1xx prints "300 passing, 0 failing, and 0 invalid test cases"; older: "300 passing examples"
     passing = sum(int(m) for m in re.findall(r"(\d+) passing\b", proc.stdout))
     failing = sum(int(m) for m in re.findall(r"(\d+) failing\b", proc.stdout))
-    tests = len(re.findall(r"^tests/test_properties.py::\S+:$", proc.stdout, flags=re.M))
+    tests = len(re.findall(r"^tests/\S+::\S+:$", proc.stdout, flags=re.M))
     return {"target": "properties", "tests": tests, "tried": passing + failing, "failing": failing,
             "pytest_exit": proc.returncode, "seconds": round(time.time() - t0, 1),
             "tail": proc.stdout[-1500:] if proc.returncode else ""}

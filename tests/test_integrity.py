@@ -210,3 +210,48 @@ def test_the_fuzzer_finds_no_crash_garbage_or_lost_data(tmp_path):
     assert rows["interrupted-save"]["lost"] == 0
     assert rows["properties"]["tried"] > 0 and rows["properties"]["failing"] == 0
     assert rc == 0
+
+
+# --- hypothesis drives the loader fuzz (the same mutations as scripts/fuzz.py, in-process) -----------------------
+_FUZZ = int(os.environ.get("WCT_FUZZ_EXAMPLES", "0") or 0)
+
+
+def _fuzz_module():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import fuzz
+    finally:
+        sys.path.pop(0)
+    return fuzz
+
+
+def test_hypothesis_fuzz_of_the_checkpoint_loader(saved, tmp_path_factory):
+    """Any mutation hypothesis picks: a clear error, or a model computing exactly the original logits."""
+    import random
+    import shutil
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    fuzz = _fuzz_module()
+    src, ref = saved
+    other = tmp_path_factory.mktemp("other") / "ckpt"
+    wct.save_pretrained(_quantized(1, "gwq"), other)
+    work = tmp_path_factory.mktemp("mutants")
+
+    @settings(max_examples=max(25, _FUZZ), deadline=None, derandomize=not _FUZZ, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(st.integers(min_value=0, max_value=2**32 - 1))
+    def one(seed: int) -> None:
+        dst = work / f"m{seed}"
+        shutil.rmtree(dst, ignore_errors=True)
+        shutil.copytree(src, dst)
+        what = fuzz.mutate(dst, random.Random(seed), other, "model.safetensors")
+        try:
+            model = wct.load_quantized(dst)
+        except fuzz.CLEAR_ERRORS:
+            return
+        assert torch.equal(_logits(model), ref), f"silent garbage after {what}"
+        shutil.rmtree(dst, ignore_errors=True)
+
+    one()
