@@ -36,6 +36,7 @@ ROWS: dict[str, dict | None] = {
     "gptq-3": dict(method="gptq", wbits=3),
     "gptq-3-g128": dict(method="gptq", wbits=3, group_size=128),
     "owq-3.01": dict(method="owq", wbits=3, target_bits=3.01),
+    "owq-3.01-mse": dict(method="owq", wbits=3, target_bits=3.01, range_search="mse"),  # GPTQ's shrink search
     "owq-3.1": dict(method="owq", wbits=3, target_bits=3.1),
     "owq-4.01": dict(method="owq", wbits=4, target_bits=4.01),
     "gwq-3": dict(method="gwq", wbits=3, outlier_ratio=0.01),
@@ -230,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         rec = run_row(name, args.windows, args.calib_samples, not args.no_progress)
         if args.contended:
             rec["contended"] = True
+        # re-read the cache: another run (or a hand annotation) may have added rows meanwhile
+        records = records if args.fresh or not cache.exists() else json.loads(cache.read_text())
         records = [r for r in records if r["method"] != name] + [rec]
         write_reports(records)
         print(json.dumps(rec), flush=True)
