@@ -84,7 +84,7 @@ def bnb_nf4_(model) -> float:
     return 8 * nbytes / numel
 
 
-def run_row(name: str, windows: int, n_calib: int, progress: bool) -> dict:
+def run_row(name: str, windows: int, n_calib: int, progress: bool, calib_seed: int = 0) -> dict:
     import wct
     from wct.data import get_calibration_windows, load_token_stream
     from wct.eval import perplexity
@@ -104,7 +104,8 @@ def run_row(name: str, windows: int, n_calib: int, progress: bool) -> dict:
         cfg = QuantConfig(**ROWS[name])
         calib = None
         if cfg.calibrated:
-            calib = get_calibration_windows(str(DATA / "valid.txt"), tok, n_samples=n_calib, seq_len=512, seed=0)
+            calib = get_calibration_windows(str(DATA / "valid.txt"), tok, n_samples=n_calib, seq_len=512,
+                                            seed=calib_seed)
         wct.quantize_model(model, cfg, calibration=calib, progress=progress)
         rec.update(bits_per_weight=model_bits(model)["bits_per_weight"], bits_anchor_protocol=anchor_bits(model))
     rec["quantize_seconds"] = round(time.time() - t0, 1) if name != "fp32" else 0.0
@@ -127,15 +128,16 @@ def anchor_verdicts(records: list[dict]) -> list[str]:
     """One line per anchored row: ours vs the reference's perplexity and quantize time (computed, not typed)."""
     out = []
     for r in records:
-        ref = ANCHORS.get(r["method"])
+        ref = ANCHORS.get(r["method"].split("@")[0])
         if ref is None or r["method"] == "fp32":
             continue
         rel = 100 * (r["ppl"] / ref - 1)
         verdict = "better" if r["ppl"] < ref - 0.005 else ("equal" if abs(r["ppl"] - ref) <= 0.005 else "**worse**")
         line = (f"- `{r['method']}`: {r['ppl']:.2f} vs {ref:.2f} ({rel:+.1f}%, {verdict}) at "
                 f"{r['bits_anchor_protocol']:.3f} anchor bits")
-        if r["method"] in ANCHOR_SECONDS and r.get("quantize_seconds"):
-            line += (f"; quantized in {r['quantize_seconds']:.0f} s vs {ANCHOR_SECONDS[r['method']]} s "
+        base = r["method"].split("@")[0]
+        if base in ANCHOR_SECONDS and r.get("quantize_seconds"):
+            line += (f"; quantized in {r['quantize_seconds']:.0f} s vs {ANCHOR_SECONDS[base]} s "
                      f"({r.get('threads', '?')} threads{', other jobs sharing the cores' if r.get('contended') else ''})")
         out.append(line + ".")
     return out or ["- (no anchored rows yet)"]
@@ -143,7 +145,7 @@ def anchor_verdicts(records: list[dict]) -> list[str]:
 
 def write_reports(records: list[dict]) -> None:
     order = {k: i for i, k in enumerate(ROWS)}
-    records = sorted(records, key=lambda r: order.get(r["method"], 99))
+    records = sorted(records, key=lambda r: (order.get(r["method"].split("@")[0], 99), r["method"]))
     (OUT / "quality.json").write_text(json.dumps(records, indent=1) + "\n")
     lines = [
         "# Quality: WikiText-2 perplexity vs bits per weight (SmolLM2-135M-Instruct)",
@@ -165,7 +167,7 @@ def write_reports(records: list[dict]) -> None:
         "|---|---|---|---|---|---|---|",
     ]
     for r in records:
-        ref = ANCHORS.get(r["method"])
+        ref = ANCHORS.get(r["method"].split("@")[0])
         lines.append(
             f"| {r['method']} | {r['bits_per_weight']:.3f} | {r['bits_anchor_protocol']:.3f} | {r['ppl']:.2f} | "
             f"{ref if ref is not None else '–'} | {r['quantize_seconds']} | {r['windows']} |"
@@ -205,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--calib-samples", type=int, default=128)
     ap.add_argument("--fresh", action="store_true", help="ignore cached rows")
+    ap.add_argument("--calib-seed", type=int, default=0,
+                    help="seed of the calibration draw; rows with another seed are stored as NAME@seedN")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--report-only", action="store_true", help="rewrite quality.md and the plot from the cached rows")
     ap.add_argument("--contended", action="store_true",
@@ -228,7 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     records = [] if args.fresh or not cache.exists() else json.loads(cache.read_text())
     torch.manual_seed(0)
     for name in names:
-        rec = run_row(name, args.windows, args.calib_samples, not args.no_progress)
+        rec = run_row(name, args.windows, args.calib_samples, not args.no_progress, args.calib_seed)
+        if args.calib_seed:  # another draw of calibration windows: a row of its own, to show the spread
+            rec["method"] = name = f"{name}@seed{args.calib_seed}"
+            rec["calib_seed"] = args.calib_seed
         if args.contended:
             rec["contended"] = True
         # re-read the cache: another run (or a hand annotation) may have added rows meanwhile
