@@ -86,6 +86,24 @@ def rows_per_tile(packed: PackedWeight) -> int:
 _tls = threading.local()
 
 
+def _outside_inference_mode(fn):
+    """Build cached tensors as normal tensors, even when first called under ``torch.inference_mode``.
+
+    A cache filled during an ``inference_mode`` evaluation would otherwise hold *inference
+    tensors*, and the next in-place write (a workspace) or use in a graph outside that mode
+    (calibration, training) raises.  Found when a benchmark evaluated one model and then
+    quantized the next in the same process.
+    """
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.inference_mode(False):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def _workspace(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A 1-D ``[numel]`` buffer reused across calls on this thread (grown, never shrunk)."""
     bufs = getattr(_tls, "bufs", None)
@@ -94,7 +112,8 @@ def _workspace(name: str, numel: int, dtype: torch.dtype, device: torch.device) 
     key = (name, dtype, device)
     buf = bufs.get(key)
     if buf is None or buf.numel() < numel:
-        buf = bufs[key] = torch.empty(numel, dtype=dtype, device=device)
+        with torch.inference_mode(False):  # see _outside_inference_mode
+            buf = bufs[key] = torch.empty(numel, dtype=dtype, device=device)
     return buf[:numel]
 
 
@@ -131,6 +150,7 @@ def _quad_lut_3bit(values: torch.Tensor) -> torch.Tensor:
     return torch.stack(quads, dim=-1).float().contiguous().view(torch.complex128).view(4096)
 
 
+@_outside_inference_mode
 def _integer_lut(bits: int, offset: float, device: torch.device) -> torch.Tensor:
     """Table of ``code - offset`` for every code of a uniform format (cached: it depends on bits only)."""
     key = ("int", bits, offset, device)
@@ -143,6 +163,7 @@ def _integer_lut(bits: int, offset: float, device: torch.device) -> torch.Tensor
 
 
 # --------------------------------------------------------------------------- code unpacking
+@_outside_inference_mode
 def _nibble_shifts(device: torch.device) -> torch.Tensor:
     key = ("shifts", device)
     t = _LUT_CACHE.get(key)
@@ -192,6 +213,7 @@ def _unpack_values(words: torch.Tensor, bits: int, lut: torch.Tensor | None) -> 
 
 
 # --------------------------------------------------------------------------- fast dequantization
+@_outside_inference_mode
 def _zero_points(fmt: IntegerFormat, data: dict, shape: tuple[int, int]) -> torch.Tensor:
     """Asymmetric zero points ``[out, groups]`` as uint8, cached per ``qzeros`` buffer.
 
@@ -240,6 +262,7 @@ def _integer_rows(qt, start: int, stop: int, out: torch.Tensor | None) -> torch.
     return out
 
 
+@_outside_inference_mode
 def _codebook_lut(code: torch.Tensor) -> torch.Tensor:
     """The byte table of a ``code`` buffer, cached until the buffer changes (a few ops saved per call)."""
     hit = _CODE_LUTS.get(code) if _CODE_LUTS is not None else None
@@ -448,6 +471,7 @@ def use_int4pack(packed: PackedWeight, x2d: torch.Tensor) -> bool:
     )
 
 
+@_outside_inference_mode
 def _int4pack_weight(qt) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """(packed codes, scale/zero pairs ``[in/g, out16, 2]`` bf16, g, padded in), cached per buffer."""
     key = qt.data["qweight"]

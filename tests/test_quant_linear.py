@@ -153,3 +153,24 @@ def test_outliers_only_inside_weak_columns_give_no_sparse_part():
     assert layer.nnz == 0 and layer.n_weak == 1
     x = torch.randn(2, 64)
     assert torch.allclose(layer(x), F.linear(x, layer.dequantize_weight(), layer.bias), atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt_name", ["int4", "int3", "nf4"])
+def test_caches_filled_under_inference_mode_work_outside_it(fmt_name):
+    """An evaluation under torch.inference_mode, then calibration / training in the same process (seen in a
+    benchmark run: 'Inplace update to inference tensor outside InferenceMode')."""
+    from wct.kernels import torch_backend
+
+    torch_backend._tls.__dict__.pop("bufs", None)
+    torch_backend._LUT_CACHE.clear()
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 32)
+    q = QuantLinear.from_linear(lin, get_format(fmt_name, group_size=32) if fmt_name.startswith("int") else get_format(fmt_name))
+    x = torch.randn(3, 64)
+    with torch.inference_mode():
+        y0 = q(x)
+    with torch.no_grad():
+        y1 = q(x)
+    xg = x.clone().requires_grad_(True)
+    q(xg).sum().backward()
+    assert torch.equal(y0, y1) and xg.grad is not None
