@@ -38,6 +38,9 @@ ROWS: dict[str, dict | None] = {
     "owq-3.01": dict(method="owq", wbits=3, target_bits=3.01),
     "owq-3.01-mse": dict(method="owq", wbits=3, target_bits=3.01, range_search="mse"),  # GPTQ's shrink search
     "owq-3.1": dict(method="owq", wbits=3, target_bits=3.1),
+    # GPTQ's activation-order heuristic (columns by descending Hessian diagonal; OWQ's weak columns stay last)
+    "gptq-3-act": dict(method="gptq", wbits=3, act_order=True),
+    "owq-3.01-act": dict(method="owq", wbits=3, target_bits=3.01, act_order=True),
     "owq-4.01": dict(method="owq", wbits=4, target_bits=4.01),
     "gwq-3": dict(method="gwq", wbits=3, outlier_ratio=0.01),
     "gwq-4": dict(method="gwq", wbits=4, outlier_ratio=0.01),

@@ -14,8 +14,8 @@ from conftest import make_tiny_llama
 from transformers import AutoModelForCausalLM
 
 import wct
-from wct.integrations import atomic
-from wct.integrations.atomic import MANIFEST, CheckpointIntegrityError
+from wct.checkpoint_io import MANIFEST, CheckpointIntegrityError
+from wct import checkpoint_io as atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -132,10 +132,9 @@ def test_failed_conversion_leaves_no_cache(fake_cache, monkeypatch):
 
 def test_leftovers_of_a_killed_process_are_cleaned(fake_cache):
     root, calls = fake_cache
-    stale = root / f".{models.DEFAULT_MODEL}.tmp-killed"
+    dead_pid = 2**22 + 1  # above Linux's pid_max: no such process
+    stale = root / f".{models.DEFAULT_MODEL}.tmp-{dead_pid}-x1y2"  # what a killed conversion leaves
     stale.mkdir()
-    old = time.time() - 2 * models._STALE_TMP_SECONDS
-    os.utime(stale, (old, old))
     half = root / models.DEFAULT_MODEL
     half.mkdir()
     (half / "config.json").write_text("{}")  # no marker: not a finished cache

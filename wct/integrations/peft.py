@@ -43,7 +43,7 @@ from peft.tuners.lora.model import LoraModel
 from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
 from torch import nn
 
-from wct.integrations.atomic import verify_manifest
+from wct.checkpoint_io import verify_manifest
 from wct.nn import QuantLinear
 from wct.tuners.lora import QuantLoraLinear
 from wct.tuners.wct import WCT_PEFT_TYPE, WCT_PREFIX, WCTConfig, WCTModel, quant_linear_layers

@@ -32,7 +32,14 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from wct.integrations.atomic import atomic_folder, interrupted_copy, missing_path_message, verify_manifest
+from wct.checkpoint_io import (
+    WCTCheckpointError,
+    atomic_folder,
+    interrupted_copy,
+    missing_path_message,
+    read_safetensors_header,
+    verify_manifest,
+)
 from wct.nn import QuantLinear
 from wct.quantize import QuantConfig
 from wct.quantize import quantize_model as _quantize_modules
@@ -49,10 +56,6 @@ _ST_DTYPE = {
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
     torch.bool: "BOOL",
 }
-
-
-class WCTCheckpointError(ValueError):
-    """A wct checkpoint does not match its own ``quantization_config`` (corrupt, truncated or stale)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -390,7 +393,7 @@ def save_pretrained(
     Why atomic: a checkpoint is several files; a crash or a full disk halfway must
     never leave a directory that looks complete.  Everything is written into a
     temporary sibling (same filesystem, so ``rename`` is atomic), fsynced, then
-    swapped into place (:mod:`wct.integrations.atomic`).  With ``overwrite=True``
+    swapped into place (:mod:`wct.checkpoint_io`).  With ``overwrite=True``
     the old copy stays at the path until the new one is complete.  A
     ``wct_manifest.json`` records the sha256 of every file, checked on load.
     """
@@ -488,68 +491,6 @@ def _unregistered_message(path: str) -> str:
         "registered with transformers, so its packed layers would load as randomly initialised Linears. "
         "Run `import wct` before loading it."
     )
-
-
-_SAFETENSORS_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-                      "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
-
-
-def read_safetensors_header(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Tensor name -> (shape, dtype code) from a safetensors file, reading only its header.
-
-    Also checks that the file is as long as the header says: a truncated download
-    or an interrupted copy fails here with the file named, not deep in the loader.
-    """
-    path = os.fspath(path)
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if n < 2 or n > size - 8:
-            raise WCTCheckpointError(f"{path}: not a complete safetensors file (truncated or corrupt header)")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise WCTCheckpointError(f"{path}: corrupt safetensors header ({e})") from None
-    if not isinstance(header, dict):
-        raise WCTCheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
-    out: dict[str, tuple[tuple[int, ...], str]] = {}
-    spans = []
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            shape, dtype = tuple(int(s) for s in info["shape"]), str(info["dtype"])
-            begin, stop = (int(v) for v in info["data_offsets"])
-        except (KeyError, TypeError, ValueError, IndexError):
-            raise WCTCheckpointError(f"{path}: corrupt safetensors header entry for {key!r}") from None
-        numel = 1
-        for d in shape:
-            numel *= d
-        width = _SAFETENSORS_BYTES.get(dtype)
-        if width is None or min(shape, default=0) < 0 or not 0 <= begin <= stop or stop - begin != numel * width:
-            raise WCTCheckpointError(
-                f"{path}: header entry {key!r} is inconsistent (shape {list(shape)}, dtype {dtype}, bytes "
-                f"{begin}..{stop}): the file is corrupt; re-download or re-save it"
-            )
-        out[key] = (shape, dtype)
-        spans.append((begin, stop, key))
-    spans.sort()
-    end = 0
-    for begin, stop, key in spans:  # tensors must tile the data section: no gaps, no overlaps
-        if begin != end:
-            raise WCTCheckpointError(f"{path}: header entry {key!r} starts at byte {begin}, expected {end}: corrupt file")
-        end = stop
-    if 8 + n + end > size:
-        raise WCTCheckpointError(
-            f"{path}: truncated: the header needs {8 + n + end} bytes but the file has {size}; re-download or re-save it"
-        )
-    if 8 + n + end < size:
-        raise WCTCheckpointError(
-            f"{path}: {size - 8 - n - end} bytes after the last tensor the header describes: the file is corrupt "
-            "(or was appended to); re-download or re-save it"
-        )
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,8 @@
-"""Atomic folder writes and checksummed folders: the one place checkpoints are put on disk.
+"""Atomic folder writes, checksummed folders and safetensors header checks: the one place
+checkpoints are put on (and first read from) disk.
+
+Floor 1 (standard library only): the embedded-model cache (:mod:`wct.models`), the memory
+estimates (:mod:`wct.resources`) and every writer in :mod:`wct.integrations` share it.
 
 Why a module of its own: a checkpoint, an adapter or a merged model is several files, and
 three writers (wct checkpoints, PEFT adapters, OutlierTune folders) must give the same two
@@ -37,6 +41,10 @@ MANIFEST_VERSION = 1
 
 class CheckpointIntegrityError(ValueError):
     """A saved folder does not match what was written: truncated, modified, corrupt or incomplete."""
+
+
+class WCTCheckpointError(ValueError):
+    """A wct checkpoint does not match its own ``quantization_config`` (corrupt, truncated or stale)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -301,7 +309,72 @@ def missing_path_message(path: str | os.PathLike) -> str:
     return f"{path} does not exist"
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# safetensors headers
+# ---------------------------------------------------------------------------------------------------------------------
+_SAFETENSORS_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                      "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+def read_safetensors_header(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Tensor name -> (shape, dtype code) from a safetensors file, reading only its header.
+
+    Also checks that the file is as long as the header says: a truncated download
+    or an interrupted copy fails here with the file named, not deep in the loader.
+    """
+    path = os.fspath(path)
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or n > size - 8:
+            raise WCTCheckpointError(f"{path}: not a complete safetensors file (truncated or corrupt header)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise WCTCheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise WCTCheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    out: dict[str, tuple[tuple[int, ...], str]] = {}
+    spans = []
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            shape, dtype = tuple(int(s) for s in info["shape"]), str(info["dtype"])
+            begin, stop = (int(v) for v in info["data_offsets"])
+        except (KeyError, TypeError, ValueError, IndexError):
+            raise WCTCheckpointError(f"{path}: corrupt safetensors header entry for {key!r}") from None
+        numel = 1
+        for d in shape:
+            numel *= d
+        width = _SAFETENSORS_BYTES.get(dtype)
+        if width is None or min(shape, default=0) < 0 or not 0 <= begin <= stop or stop - begin != numel * width:
+            raise WCTCheckpointError(
+                f"{path}: header entry {key!r} is inconsistent (shape {list(shape)}, dtype {dtype}, bytes "
+                f"{begin}..{stop}): the file is corrupt; re-download or re-save it"
+            )
+        out[key] = (shape, dtype)
+        spans.append((begin, stop, key))
+    spans.sort()
+    end = 0
+    for begin, stop, key in spans:  # tensors must tile the data section: no gaps, no overlaps
+        if begin != end:
+            raise WCTCheckpointError(f"{path}: header entry {key!r} starts at byte {begin}, expected {end}: corrupt file")
+        end = stop
+    if 8 + n + end > size:
+        raise WCTCheckpointError(
+            f"{path}: truncated: the header needs {8 + n + end} bytes but the file has {size}; re-download or re-save it"
+        )
+    if 8 + n + end < size:
+        raise WCTCheckpointError(
+            f"{path}: {size - 8 - n - end} bytes after the last tensor the header describes: the file is corrupt "
+            "(or was appended to); re-download or re-save it"
+        )
+    return out
+
+
 __all__ = [
-    "MANIFEST", "CheckpointIntegrityError", "atomic_folder", "check_target", "exchange", "file_sha256", "fsync_tree",
+    "MANIFEST", "CheckpointIntegrityError", "WCTCheckpointError", "read_safetensors_header", "atomic_folder", "check_target", "exchange", "file_sha256", "fsync_tree",
     "interrupted_copy", "missing_path_message", "remove_stale_temporaries", "swap_into_place", "verify_manifest", "write_manifest",
 ]
