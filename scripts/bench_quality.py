@@ -44,6 +44,7 @@ ROWS: dict[str, dict | None] = {
     "owq-4.01": dict(method="owq", wbits=4, target_bits=4.01),
     "gwq-3": dict(method="gwq", wbits=3, outlier_ratio=0.01),
     "gwq-4": dict(method="gwq", wbits=4, outlier_ratio=0.01),
+    "gwq-3-fisher": dict(method="gwq", wbits=3, outlier_ratio=0.01, extra={"gwq_score": "fisher"}),  # g^2 * dW^2
     "nf4": dict(method="nf4", block_size=64),
     "af4": dict(method="af4", block_size=64),
     "bof4": dict(method="bof4", block_size=64),

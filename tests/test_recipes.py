@@ -1,4 +1,4 @@
-"""Recipes end to end on a tiny local model: one process, two DDP processes, resume."""
+"""Recipes end to end on a tiny local model: one process, two DDP processes, resume, and the LoRA baselines."""
 
 import json
 import os
@@ -31,10 +31,13 @@ def tiny_setup(tmp_path):
     return model_dir, data
 
 
-def _args(model_dir, data, out, steps=3, extra=()):
+OWQ_ARGS = ("--quant_method", "owq", "--wbits", "3", "--target_bits", "3.5")
+
+
+def _args(model_dir, data, out, steps=3, extra=(), quant=OWQ_ARGS):
     return [
         "--model_name_or_path", str(model_dir), "--dataset_name", str(data), "--output_dir", str(out),
-        "--max_steps", str(steps), "--quant_method", "owq", "--wbits", "3", "--target_bits", "3.5",
+        "--max_steps", str(steps), *quant,
         "--calib_samples", "4", "--calib_seq_len", "32", "--eval_size", "8", "--per_device_train_batch_size", "2",
         "--per_device_eval_batch_size", "4", "--max_length", "32", "--report_to", "none", "--learning_rate", "1e-2",
         "--logging_steps", "1", "--gradient_checkpointing", "false", "--seed", "0", "--dataloader_num_workers", "0",
@@ -92,3 +95,67 @@ def test_resume_from_trainer_checkpoint(tiny_setup, tmp_path):
     assert (out / "checkpoint-2").is_dir()
     wct_alpaca.main(_args(model_dir, data, out, steps=4, extra=[*save, "--resume_from_checkpoint", str(out / "checkpoint-2")]))
     assert (out / "adapter_checksum_rank0.txt").read_text() == full
+
+
+def _trained_lora_b(adapter_dir: Path) -> dict:
+    """The LoRA B matrices of a saved adapter (PEFT initialises them to zero: non-zero means trained)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    return {k: v for k, v in tensors.items() if "lora_B" in k}
+
+
+def test_qlora_recipe_trains_lora_over_bitsandbytes_nf4(tiny_setup, tmp_path, monkeypatch):
+    import bitsandbytes as bnb
+    import qlora_alpaca
+    from peft import PeftModel
+
+    seen = {}
+    swap = qlora_alpaca.to_bnb_nf4_
+
+    def spy(model, *a, **k):  # record what the recipe trains over
+        seen["n"] = swap(model, *a, **k)
+        seen["layers"] = [type(m) for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+        return seen["n"]
+
+    monkeypatch.setattr(qlora_alpaca, "to_bnb_nf4_", spy)
+    model_dir, data = tiny_setup
+    out = tmp_path / "qlora"
+    res = qlora_alpaca.main(_args(model_dir, data, out, quant=()))
+    assert res["eval_loss"] == res["eval_loss"] and seen["n"] == len(seen["layers"]) > 0
+    adapter = Path(res["adapter_dir"])
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 16
+    lora_b = _trained_lora_b(adapter)
+    assert len(lora_b) == seen["n"] and all(v.abs().max() > 0 for v in lora_b.values())
+    # the saved adapter loads back onto a fresh NF4 base
+    from wct.models import load_model
+
+    base, _ = load_model(str(model_dir))
+    swap(base)
+    PeftModel.from_pretrained(base, str(adapter))
+
+
+def test_lora_over_bof4_recipe_trains_lora_over_quantlinear(tiny_setup, tmp_path):
+    import lora_over_bof4
+
+    import wct
+
+    model_dir, data = tiny_setup
+    out = tmp_path / "lora-bof4"
+    res = lora_over_bof4.main(_args(model_dir, data, out, quant=("--block_size", "32")))
+    assert res["eval_loss"] == res["eval_loss"]
+    adapter = Path(res["adapter_dir"])
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA"
+    lora_b = _trained_lora_b(adapter)
+    assert lora_b and all(v.abs().max() > 0 for v in lora_b.values())
+    # the base the recipe saved is a packed BOF4-S checkpoint, and the adapter applies to it
+    from peft import PeftModel
+
+    base_dirs = [p for p in out.rglob("config.json") if "quantization_config" in p.read_text()]
+    assert base_dirs, "the recipe should save its packed base beside the adapter"
+    base = wct.load_quantized(base_dirs[0].parent)
+    fmts = {m.fmt.name for m in base.modules() if isinstance(m, wct.QuantLinear)}
+    assert fmts and all(f.startswith("bof4s") for f in fmts), fmts
+    PeftModel.from_pretrained(base, str(adapter))
