@@ -349,6 +349,9 @@ def write_reports(records: list[dict], out_dir: Path, plot_path: Path) -> None:
                       "the layers); compare the trainable params column."]
     lines += ["", "## What we expected", "", EXPECTED, "", "## What we saw", ""]
     lines += [f"- {x}" for x in observations(records)] or ["- (one row only)"]
+    notes = OUT / "train_notes.md"  # hand-written reading of the default run, kept beside the generated table
+    if out_dir == OUT and notes.is_file():
+        lines += ["", notes.read_text().rstrip()]
     (out_dir / "train.md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
