@@ -36,11 +36,14 @@ ROWS: dict[str, dict | None] = {
     "gptq-3": dict(method="gptq", wbits=3),
     "gptq-3-g128": dict(method="gptq", wbits=3, group_size=128),
     "owq-3.01": dict(method="owq", wbits=3, target_bits=3.01),
-    "owq-3.01-mse": dict(method="owq", wbits=3, target_bits=3.01, range_search="mse"),  # GPTQ's shrink search
+    "owq-3.01-mse": dict(method="owq", wbits=3, target_bits=3.01, range_search="mse", act_order=False),  # GPTQ's shrink search
     "owq-3.1": dict(method="owq", wbits=3, target_bits=3.1),
-    # GPTQ's activation-order heuristic (columns by descending Hessian diagonal; OWQ's weak columns stay last)
-    "gptq-3-act": dict(method="gptq", wbits=3, act_order=True),
-    "owq-3.01-act": dict(method="owq", wbits=3, target_bits=3.01, act_order=True),
+    # the reference's column order (act-order off), as the anchors were measured; act-order is our default
+    "gptq-4-noact": dict(method="gptq", wbits=4, act_order=False),
+    "gptq-3-noact": dict(method="gptq", wbits=3, act_order=False),
+    "owq-3.01-noact": dict(method="owq", wbits=3, target_bits=3.01, act_order=False),
+    "owq-3.1-noact": dict(method="owq", wbits=3, target_bits=3.1, act_order=False),
+    "owq-4.01-noact": dict(method="owq", wbits=4, target_bits=4.01, act_order=False),
     "owq-4.01": dict(method="owq", wbits=4, target_bits=4.01),
     "gwq-3": dict(method="gwq", wbits=3, outlier_ratio=0.01),
     "gwq-4": dict(method="gwq", wbits=4, outlier_ratio=0.01),
@@ -57,6 +60,7 @@ ANCHORS = {
     "fp32": 25.61, "gptq-3": 108.50, "owq-3.01": 39.63, "owq-3.1": 34.64, "gptq-4": 38.72, "owq-4.01": 29.89,
     "bnb-nf4": 31.20,
 }
+ANCHORS.update({f"{k}-noact": v for k, v in ANCHORS.items() if k.startswith(("gptq", "owq"))})
 
 
 def anchor_bits(model) -> float:

@@ -79,3 +79,13 @@ def test_outliertune_checkpoint_evaluates_through_the_cli(tiny_dir, tmp_path, ca
     capsys.readouterr()
     assert main(["eval", "ppl", "--model", str(out), "--data", str(txt), "--seq-len", "32", "--windows", "2", "--json"]) == 0
     assert 1 < _json_out(capsys)["ppl"] < 1e6
+
+
+def test_act_order_is_on_by_default_and_can_be_turned_off():
+    from wct.cli import build_parser
+    from wct.quantize import QuantConfig
+
+    p = build_parser()
+    base = ["quantize", "--method", "gptq", "--out", "x"]
+    assert p.parse_args(base).act_order is True and QuantConfig(method="gptq").act_order is True
+    assert p.parse_args([*base, "--no-act-order"]).act_order is False

@@ -57,7 +57,9 @@ def _add_quantize(sub) -> None:
     p.add_argument("--opq", action="store_true", help="keep OPQ magnitude outliers in 16-bit (codebook formats)")
     p.add_argument("--opq-quantile", type=float, default=0.95)
     p.add_argument("--outlier-ratio", type=float, default=0.01, help="GWQ fraction of weights kept in 16-bit")
-    p.add_argument("--act-order", action="store_true")
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
+                   help="GPTQ/OWQ/GWQ: quantize columns in activation order (default on; --no-act-order for the "
+                        "original column order)")
     p.add_argument("--true-sequential", action="store_true")
     p.add_argument("--percdamp", type=float, default=0.01)
     p.add_argument("--range-search", choices=("minmax", "mse", "grid"), default=None,
