@@ -14,8 +14,8 @@ from conftest import make_tiny_llama
 from transformers import AutoModelForCausalLM
 
 import wct
-from wct.checkpoint_io import MANIFEST, CheckpointIntegrityError
 from wct import checkpoint_io as atomic
+from wct.checkpoint_io import MANIFEST, CheckpointIntegrityError
 
 ROOT = Path(__file__).resolve().parents[1]
 
