@@ -312,8 +312,13 @@ def missing_path_message(path: str | os.PathLike) -> str:
 # ---------------------------------------------------------------------------------------------------------------------
 # safetensors headers
 # ---------------------------------------------------------------------------------------------------------------------
-_SAFETENSORS_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-                      "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+# bytes per element of each safetensors dtype code (also used by wct.resources' memory estimates)
+SAFETENSORS_DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
+    "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
+    "U32": 4, "I32": 4, "F32": 4,
+    "U64": 8, "I64": 8, "F64": 8, "C64": 8,
+}
 
 
 def read_safetensors_header(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -348,7 +353,7 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, tuple[tuple[in
         numel = 1
         for d in shape:
             numel *= d
-        width = _SAFETENSORS_BYTES.get(dtype)
+        width = SAFETENSORS_DTYPE_BYTES.get(dtype)
         if width is None or min(shape, default=0) < 0 or not 0 <= begin <= stop or stop - begin != numel * width:
             raise WCTCheckpointError(
                 f"{path}: header entry {key!r} is inconsistent (shape {list(shape)}, dtype {dtype}, bytes "
@@ -375,6 +380,6 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, tuple[tuple[in
 
 
 __all__ = [
-    "MANIFEST", "CheckpointIntegrityError", "WCTCheckpointError", "read_safetensors_header", "atomic_folder", "check_target", "exchange", "file_sha256", "fsync_tree",
+    "MANIFEST", "SAFETENSORS_DTYPE_BYTES", "CheckpointIntegrityError", "WCTCheckpointError", "read_safetensors_header", "atomic_folder", "check_target", "exchange", "file_sha256", "fsync_tree",
     "interrupted_copy", "missing_path_message", "remove_stale_temporaries", "swap_into_place", "verify_manifest", "write_manifest",
 ]

@@ -25,7 +25,7 @@ import math
 import os
 from typing import Any
 
-from wct.checkpoint_io import WCTCheckpointError, read_safetensors_header
+from wct.checkpoint_io import SAFETENSORS_DTYPE_BYTES, WCTCheckpointError, read_safetensors_header
 
 SKIP_ENV = "WCT_SKIP_MEMORY_CHECK"
 FAKE_ENV = "WCT_FAKE_AVAILABLE_MEMORY"
@@ -131,12 +131,7 @@ def check_memory(needed_bytes: int, what: str, margin: float = DEFAULT_MARGIN, d
 
 
 # --- checkpoints ------------------------------------------------------------------------------------------------------
-DTYPE_BYTES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
-    "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
-    "U32": 4, "I32": 4, "F32": 4,
-    "U64": 8, "I64": 8, "F64": 8, "C64": 8,
-}
+DTYPE_BYTES = SAFETENSORS_DTYPE_BYTES
 _FLOAT_CODES = ("F16", "BF16", "F32", "F64")
 
 
