@@ -145,7 +145,7 @@ def run_row(name: str, args) -> dict:
         sft_args = WCTSFTConfig(
             output_dir=run_dir, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
             per_device_eval_batch_size=args.batch_size, max_length=args.seq_len, learning_rate=lr, seed=args.seed,
-            gradient_checkpointing=args.gradient_checkpointing, logging_steps=10, save_strategy="no",
+            activation_checkpointing=args.gradient_checkpointing, logging_steps=10, save_strategy="no",
             eval_strategy="no", report_to="none", dataloader_num_workers=0, disable_tqdm=args.no_progress,
         )
         step_times: list[float] = []

@@ -159,3 +159,32 @@ def test_lora_over_bof4_recipe_trains_lora_over_quantlinear(tiny_setup, tmp_path
     fmts = {m.fmt.name for m in base.modules() if isinstance(m, wct.QuantLinear)}
     assert fmts and all(f.startswith("bof4s") for f in fmts), fmts
     PeftModel.from_pretrained(base, str(adapter))
+
+
+def test_sft_config_defaults_follow_the_hardware(monkeypatch, tmp_path):
+    """bf16 and activation checkpointing: off on CPU (TRL's defaults are GPU ones), on with CUDA; a flag wins."""
+    import warnings
+
+    import torch
+    import trl
+    from trl import TrlParser
+
+    from wct.integrations.trl import WCTSFTConfig
+
+    base = ["--output_dir", str(tmp_path)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # the default must not go through the deprecated alias
+        (args,) = TrlParser((WCTSFTConfig,)).parse_args_and_config(base)
+    assert args.activation_checkpointing is False and args.bf16 is False
+    assert args.gradient_checkpointing is False  # the alias mirrors the resolved value (the recipes read it)
+    for flag in (["--gradient_checkpointing", "true"], ["--activation_checkpointing"]):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            (args,) = TrlParser((WCTSFTConfig,)).parse_args_and_config(base + flag)
+        assert args.activation_checkpointing is True and args.gradient_checkpointing is True
+
+    # with CUDA: TRL's GPU defaults.  TrainingArguments' own checks need a real GPU, so stop before them.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(trl.SFTConfig, "__post_init__", lambda self: None)
+    args = WCTSFTConfig(output_dir=str(tmp_path))
+    assert args.activation_checkpointing is True and args.bf16 is True

@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = WCTSFTConfig(
         output_dir=str(out / "trainer"), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
         learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=10, weight_decay=0.0, logging_steps=25,
-        save_strategy="no", report_to="none", max_length=128, gradient_checkpointing=False, seed=0,
+        save_strategy="no", report_to="none", max_length=128, activation_checkpointing=False, seed=0,
         disable_tqdm=False, dataloader_num_workers=0,
     )
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok,

@@ -2,8 +2,9 @@
 
 Recipes stay short scripts over ``SFTTrainer``; what they share lives here:
 
-* :class:`WCTSFTConfig`: TRL's ``SFTConfig`` whose ``bf16`` default follows the
-  hardware (TRL defaults to bf16 and refuses to start on a CPU-only machine).
+* :class:`WCTSFTConfig`: TRL's ``SFTConfig`` whose ``bf16`` and activation-checkpointing
+  defaults follow the hardware (TRL defaults to bf16, which refuses to start on a CPU-only
+  machine, and to checkpointing, which buys GPU memory with ~65 % slower CPU steps here).
 * :class:`QuantArguments`: how the frozen base is made (method, bits, budget,
   calibration), as flags and YAML keys.
 * :func:`prepare_base`: loads an already packed checkpoint, or quantizes the
@@ -28,10 +29,20 @@ class WCTSFTConfig(SFTConfig):
     bf16: bool | None = field(
         default=None, metadata={"help": "bf16 mixed precision (default: on when a CUDA GPU is present, off on CPU)."}
     )
+    # TRL turns checkpointing on by default.  On a GPU that trades ~20 % compute for activation
+    # memory; on CPU, where RAM is rarely the limit for the models people tune there, it re-runs
+    # every forward and made `make train` steps 6.6 s instead of 4.0 s (SmolLM2-135M, batch 4 x 256).
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "Deprecated alias of --activation_checkpointing (default: on with a CUDA GPU, off on CPU).",
+                  "nargs": "?", "const": True},
+    )
 
     def __post_init__(self) -> None:
         if self.bf16 is None:
             self.bf16 = bool(torch.cuda.is_available() and not self.fp16)
+        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            self.activation_checkpointing = torch.cuda.is_available()
         if not torch.cuda.is_available():
             # makes accelerate's state CPU DDP (gloo) when several processes are launched
             self.use_cpu = True
