@@ -188,3 +188,25 @@ def test_sft_config_defaults_follow_the_hardware(monkeypatch, tmp_path):
     monkeypatch.setattr(trl.SFTConfig, "__post_init__", lambda self: None)
     args = WCTSFTConfig(output_dir=str(tmp_path))
     assert args.activation_checkpointing is True and args.bf16 is True
+
+
+def test_main_process_borrows_the_waiting_ranks_cores_to_quantize():
+    """In a CPU DDP run the other ranks sleep while rank 0 quantizes: it gets their threads, then gives them back."""
+    import os
+
+    import torch
+
+    from wct.integrations.trl import lend_idle_cores
+
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0))
+    try:
+        torch.set_num_threads(1)
+        with lend_idle_cores(local_world_size=2, on_cpu=True):
+            assert torch.get_num_threads() == min(cores, 2)
+        assert torch.get_num_threads() == 1
+        for world, on_cpu in ((1, True), (2, False)):  # one process, or a GPU run: nothing to borrow
+            with lend_idle_cores(local_world_size=world, on_cpu=on_cpu):
+                assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -16,6 +16,7 @@ Recipes stay short scripts over ``SFTTrainer``; what they share lives here:
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,24 @@ def _calibration(qargs: QuantArguments, tok, train_records: list[dict] | None):
     return sample_windows(stream, qargs.calib_samples, min(qargs.calib_seq_len, stream.numel() // 2), seed=0)
 
 
+@contextmanager
+def lend_idle_cores(local_world_size: int, on_cpu: bool):
+    """Let the main process use the cores of the ranks that wait for its quantized base.
+
+    A CPU DDP launch gives each of the N local processes 1/N of the cores (torchrun sets
+    OMP_NUM_THREADS=1 for N > 1).  While the main process quantizes, the others sleep in a
+    barrier, so quantization would otherwise run on a fraction of the machine.
+    """
+    before = torch.get_num_threads()
+    if on_cpu and local_world_size > 1:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(max(before, min(cores, before * local_world_size)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def prepare_base(model_name_or_path: str | None, qargs: QuantArguments, output_dir: str,
                  train_records: list[dict] | None = None) -> tuple[Any, Any]:
     """(quantized model, tokenizer); quantizes on the main process only, others load its copy."""
@@ -102,13 +121,15 @@ def prepare_base(model_name_or_path: str | None, qargs: QuantArguments, output_d
     state = PartialState()
     with state.main_process_first():
         if state.is_main_process and not is_wct_checkpoint(str(base_dir)):
-            model, tok = load_model(model_name_or_path)
-            calib = None
-            cfg = qargs.quant_config()
-            if cfg.calibrated:
-                calib = _calibration(qargs, tok, train_records)
-            quantize_model(model, cfg, calibration=calib)
-            save_pretrained(model, base_dir, overwrite=True, tokenizer=tok)
+            local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes))
+            with lend_idle_cores(local_world_size, on_cpu=state.device.type == "cpu"):
+                model, tok = load_model(model_name_or_path)
+                calib = None
+                cfg = qargs.quant_config()
+                if cfg.calibrated:
+                    calib = _calibration(qargs, tok, train_records)
+                quantize_model(model, cfg, calibration=calib)
+                save_pretrained(model, base_dir, overwrite=True, tokenizer=tok)
     return load_quantized(str(base_dir)), AutoTokenizer.from_pretrained(str(base_dir))
 
 
