@@ -2,9 +2,10 @@
 
 Protocol (the same as ../shared/anchors/owq-reference-smollm2.md): calibration 128 windows x 512
 tokens from wikitext-2 valid.txt (seed 0); perplexity GPTQ-style on the first 40 non-overlapping
-512-token windows of test.txt.  Rows are cached in docs/benchmarks/quality.json as they finish, so
-the run can be resumed or extended (``--only gptq-3,owq-3.01``); the Markdown table and the plot are
-rewritten from all cached rows every time.
+512-token windows of test.txt.  Rows are cached in docs/benchmarks/quality.json as they finish and
+skipped when cached with the same protocol, so a stopped run resumes and a run can be extended
+(``--only gptq-3,owq-3.01``); ``--fresh`` re-measures the selected rows and keeps the others.  The
+Markdown table and the plot are rewritten from all cached rows every time.
 
     make bench-quality                       # all rows (about an hour on 2 CPU cores)
     python scripts/bench_quality.py --only nf4,bof4s --windows 40
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import sys
@@ -21,6 +23,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from wct.checkpoint_io import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
@@ -154,7 +158,7 @@ def anchor_verdicts(records: list[dict]) -> list[str]:
 def write_reports(records: list[dict]) -> None:
     order = {k: i for i, k in enumerate(ROWS)}
     records = sorted(records, key=lambda r: (order.get(r["method"].split("@")[0], 99), r["method"]))
-    (OUT / "quality.json").write_text(json.dumps(records, indent=1) + "\n")
+    atomic_write_text(OUT / "quality.json", json.dumps(records, indent=1) + "\n")
     lines = [
         "# Quality: WikiText-2 perplexity vs bits per weight (SmolLM2-135M-Instruct)",
         "",
@@ -209,12 +213,27 @@ def write_reports(records: list[dict]) -> None:
         print("matplotlib missing: no plot", file=sys.stderr)
 
 
+def cached_row(records: list[dict], name: str, args) -> dict | None:
+    """The cached record of row ``name`` if it was measured with this run's protocol, else None.
+
+    Rows are reused across runs, so `make bench-quality` resumes where a stopped run left off; a row
+    measured with other windows, calibration size or calibration draw is re-run instead.
+    """
+    key = f"{name}@seed{args.calib_seed}" if args.calib_seed else name
+    for r in records:
+        if (r.get("method") == key and r.get("windows") == args.windows
+                and r.get("calib_samples") == args.calib_samples and math.isfinite(r.get("ppl", math.nan))):
+            return r
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default=None, help="comma-separated row names (default: all)")
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--calib-samples", type=int, default=128)
-    ap.add_argument("--fresh", action="store_true", help="ignore cached rows")
+    ap.add_argument("--fresh", action="store_true",
+                    help="re-run the selected rows even when cached with the same protocol (other rows are kept)")
     ap.add_argument("--calib-seed", type=int, default=0,
                     help="seed of the calibration draw; rows with another seed are stored as NAME@seedN")
     ap.add_argument("--no-progress", action="store_true")
@@ -237,9 +256,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     OUT.mkdir(parents=True, exist_ok=True)
     cache = OUT / "quality.json"
-    records = [] if args.fresh or not cache.exists() else json.loads(cache.read_text())
+    records = json.loads(cache.read_text()) if cache.exists() else []
     torch.manual_seed(0)
     for name in names:
+        cached = cached_row(records, name, args)
+        if cached and not args.fresh:
+            print(f"{cached['method']}: cached in {cache} (ppl {cached['ppl']}; --fresh to re-run)", flush=True)
+            continue
         rec = run_row(name, args.windows, args.calib_samples, not args.no_progress, args.calib_seed)
         if args.calib_seed:  # another draw of calibration windows: a row of its own, to show the spread
             rec["method"] = name = f"{name}@seed{args.calib_seed}"
@@ -247,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.contended:
             rec["contended"] = True
         # re-read the cache: another run (or a hand annotation) may have added rows meanwhile
-        records = records if args.fresh or not cache.exists() else json.loads(cache.read_text())
+        records = json.loads(cache.read_text()) if cache.exists() else records
         records = [r for r in records if r["method"] != name] + [rec]
         write_reports(records)
         print(json.dumps(rec), flush=True)

@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from wct.checkpoint_io import atomic_write_text
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 ALPACA = SHARED / "alpaca" / "alpaca_5000.json"
@@ -121,6 +123,7 @@ def run_row(name: str, args) -> dict:
         cfg = wct.QuantConfig(**spec["quant"])
         calib = None
         if cfg.calibrated:
+            rec["act_order"] = cfg.act_order  # the default changed once; the report names the rows without it
             calib = get_calibration_windows(str(args.calib), tok, n_samples=args.calib_samples,
                                             seq_len=args.calib_seq_len, seed=0)
         wct.quantize_model(model, cfg, calibration=calib, progress=not args.no_progress)
@@ -302,7 +305,7 @@ def write_reports(records: list[dict], out_dir: Path, plot_path: Path) -> None:
     order = {k: i for i, k in enumerate(ROWS)}
     records = sorted(records, key=lambda r: order.get(r["method"], 99))
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "train.json").write_text(json.dumps(records, indent=1) + "\n")
+    atomic_write_text(out_dir / "train.json", json.dumps(records, indent=1) + "\n")
     if not records:
         return
     s = records[0]
@@ -328,6 +331,10 @@ def write_reports(records: list[dict], out_dir: Path, plot_path: Path) -> None:
     ]
     if mixed:
         lines += ["**Rows were run with different settings** (see `settings` in train.json): compare with care.", ""]
+    no_act = [r["method"] for r in records if r.get("act_order") is False]
+    if no_act:
+        lines += [f"Calibrated bases quantized without act-order (GPTQ's column order by Hessian diagonal, our "
+                  f"default): {', '.join(no_act)}.", ""]
     lines += [
         "| method | bits/weight | trainable params | lr | held-out loss before | after | drop | step s | tokens/s "
         "| train RSS MB | peak RSS MB | quantize s | kernel path |",

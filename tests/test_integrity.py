@@ -255,3 +255,25 @@ def test_hypothesis_fuzz_of_the_checkpoint_loader(saved, tmp_path_factory):
         shutil.rmtree(dst, ignore_errors=True)
 
     one()
+
+
+def test_atomic_write_text_keeps_the_old_text_when_the_write_fails(tmp_path, monkeypatch):
+    """A benchmark cache holds hours of rows: a failed rewrite must leave the previous file and no temporary."""
+    import os
+
+    from wct.checkpoint_io import atomic_write_text
+
+    target = tmp_path / "rows.json"
+    atomic_write_text(target, "old")
+    assert target.read_text() == "old"
+
+    def crash(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_text(target, "new")
+    monkeypatch.undo()
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["rows.json"]
+    atomic_write_text(target, "new")
+    assert target.read_text() == "new"

@@ -191,6 +191,26 @@ def _fsync_dir(path: str) -> None:
             os.close(fd)
 
 
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Replace one small file (a benchmark cache, a manifest) so that a kill leaves the old or the new text.
+
+    Hours of benchmark rows live in one JSON file; writing it in place would truncate it first.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(str(path.parent))
+
+
 def fsync_tree(root: str | os.PathLike) -> None:
     """Flush every file and directory under ``root`` (a rename is only atomic for data that is on disk)."""
     for dirpath, _dirs, files in os.walk(root):
