@@ -7,7 +7,7 @@ skipped when cached with the same protocol, so a stopped run resumes and a run c
 (``--only gptq-3,owq-3.01``); ``--fresh`` re-measures the selected rows and keeps the others.  The
 Markdown table and the plot are rewritten from all cached rows every time.
 
-    make bench-quality                       # all rows (about an hour on 2 CPU cores)
+    make bench-quality                       # all rows (~3 h from scratch on 2 CPU cores; cached rows are skipped)
     python scripts/bench_quality.py --only nf4,bof4s --windows 40
 """
 
