@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ if str(ROOT) not in sys.path:  # run as a plain script from anywhere
 
 import numpy as np  # noqa: E402
 
+from wct.checkpoint_io import atomic_write_text  # noqa: E402
 from wct.formats.codebook import codebook_error, get_codebook  # noqa: E402
 
 BLOCK_SIZES = (32, 64, 128, 256)
@@ -210,9 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         ("codebooks.md", md),
         ("codebooks.json", json.dumps(records, indent=1) + "\n"),
     ):
-        tmp = args.out_dir / (name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, args.out_dir / name)
+        atomic_write_text(args.out_dir / name, text)
     print(markdown_table(rows))
     print(f"\nwrote {args.out_dir / 'codebooks.md'} and codebooks.json in {seconds:.1f} s")
     return 0

@@ -266,6 +266,8 @@ def test_atomic_write_text_keeps_the_old_text_when_the_write_fails(tmp_path, mon
     target = tmp_path / "rows.json"
     atomic_write_text(target, "old")
     assert target.read_text() == "old"
+    assert target.stat().st_mode & 0o777 == 0o644  # a new file is readable like any other, not mkstemp's 0600
+    target.chmod(0o640)
 
     def crash(*_):
         raise KeyboardInterrupt
@@ -276,4 +278,4 @@ def test_atomic_write_text_keeps_the_old_text_when_the_write_fails(tmp_path, mon
     monkeypatch.undo()
     assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["rows.json"]
     atomic_write_text(target, "new")
-    assert target.read_text() == "new"
+    assert target.read_text() == "new" and target.stat().st_mode & 0o777 == 0o640  # the old file's mode is kept

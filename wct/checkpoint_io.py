@@ -195,11 +195,14 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Replace one small file (a benchmark cache, a manifest) so that a kill leaves the old or the new text.
 
     Hours of benchmark rows live in one JSON file; writing it in place would truncate it first.
+    The new file keeps the old one's permissions (``mkstemp`` alone would leave it 0600).
     """
     path = Path(path)
+    mode = path.stat().st_mode & 0o7777 if path.exists() else 0o644
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
+        os.chmod(tmp, mode)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())

@@ -27,7 +27,6 @@ import json
 import os
 import random
 import re
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -35,6 +34,8 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+from wct.checkpoint_io import atomic_write_text
 
 Example = dict[str, str]
 # A generator gets a seeded RNG and returns (instruction, input, output).
@@ -346,21 +347,10 @@ def to_prompt_completion(example: Example, tokenizer: Any) -> dict[str, str]:
 
 
 def write_jsonl(examples: Iterable[dict[str, Any]], path: str | os.PathLike) -> Path:
-    """Write one JSON object per line, atomically (temp file in the same folder, then rename).
-
-    Atomic so that a concurrent reader (or a killed writer) never sees a half-written file.
-    """
+    """Write one JSON object per line, atomically, so a concurrent reader (or a killed writer) never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for example in examples:
-                fh.write(json.dumps(example, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, "".join(json.dumps(example, ensure_ascii=False) + "\n" for example in examples))
     return path
 
 
