@@ -23,10 +23,10 @@ from wct.models import load_model
 
 def to_bnb_nf4_(model, compute_dtype=torch.float32, blocksize: int = 64) -> int:
     """Swap the decoder Linears for bitsandbytes NF4 layers; returns how many were swapped."""
-    import bitsandbytes as bnb
-
+    from wct.integrations.bnb import import_bitsandbytes
     from wct.quantize.model_utils import quantizable_linears, set_module
 
+    bnb = import_bitsandbytes()
     n = 0
     for name, lin in quantizable_linears(model).items():
         q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,

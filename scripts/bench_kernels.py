@@ -112,7 +112,9 @@ def fwd_and_train(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tens
 # --------------------------------------------------------------------------- methods
 def _bnb():
     try:
-        import bitsandbytes as bnb
+        from wct.integrations.bnb import import_bitsandbytes
+
+        bnb = import_bitsandbytes()
         import bitsandbytes.functional as bnbf
 
         return bnb, bnbf

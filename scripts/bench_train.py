@@ -16,7 +16,7 @@ rows are cached in docs/benchmarks/train.json and skipped when re-run with the s
 re-runs them); docs/benchmarks/train.md and docs/train_loss.png are rewritten from all cached rows.
 
     make bench-train                                   # all rows, 40 steps, 200 held-out records evaluated
-    python -P scripts/bench_train.py --only lora-fp32,wct-owq-3.01 --steps 20
+    python scripts/bench_train.py --only lora-fp32,wct-owq-3.01 --steps 20
 """
 
 from __future__ import annotations
@@ -73,18 +73,32 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _bnb_bits(model) -> float:
-    import bitsandbytes as bnb
+def _bnb_bits(model) -> tuple[float, float]:
+    """Bits per weight of the bitsandbytes 4-bit layers: (as stored, as resident now).
 
-    nbytes = numel = 0
+    bitsandbytes 0.50 repacks a 4-bit weight for its CPU kernel after an eval-mode forward (docs/upstream.md):
+    the double-quantized block scales become bf16, 4.25 bits instead of the stored ~4.13. ``state_dict()``
+    converts back, so the stored size is read after it and the resident size before.
+    """
+    from wct.integrations.bnb import import_bitsandbytes
+
+    bnb = import_bitsandbytes()
+
+    def layer_bytes(m) -> int:
+        qs = m.weight.quant_state
+        n = m.weight.numel() * m.weight.element_size() + qs.absmax.numel() * qs.absmax.element_size()
+        if getattr(qs, "nested", False):  # double quantization (Params4bit's default): the scales' own scales
+            n += qs.state2.absmax.numel() * qs.state2.absmax.element_size() + 4
+        return n
+
+    stored = resident = numel = 0
     for m in model.modules():
         if isinstance(m, bnb.nn.Linear4bit):
-            qs = m.weight.quant_state
-            nbytes += m.weight.numel() * m.weight.element_size() + qs.absmax.numel() * qs.absmax.element_size()
-            if getattr(qs, "nested", False):  # double quantization (Params4bit's default): the scales' own scales
-                nbytes += qs.state2.absmax.numel() * qs.state2.absmax.element_size() + 4
+            resident += layer_bytes(m)
+            m.state_dict()  # undoes bitsandbytes' CPU repacking, as its own save does
+            stored += layer_bytes(m)
             numel += m.in_features * m.out_features
-    return 8.0 * nbytes / numel
+    return 8.0 * stored / numel, 8.0 * resident / numel
 
 
 def _settings(args) -> dict:
@@ -196,7 +210,7 @@ def run_row(name: str, args) -> dict:
     if spec["base"] == "quant":
         rec["bits_per_weight"] = wct.model_bits(trainer.model)["bits_per_weight"]  # counts created columns too
     elif spec["base"] == "bnb":
-        rec["bits_per_weight"] = _bnb_bits(trainer.model)
+        rec["bits_per_weight"], rec["resident_bits_per_weight"] = _bnb_bits(trainer.model)
     else:
         rec["bits_per_weight"] = 32.0
     timed = step_times[WARMUP_STEPS:] or step_times
@@ -313,7 +327,7 @@ def write_reports(records: list[dict], out_dir: Path, plot_path: Path) -> None:
     lines = [
         "# Training: held-out loss, parameters, speed and memory of fine-tuning over quantized bases",
         "",
-        "Produced by `make bench-train` (`python -P scripts/bench_train.py`). Model: "
+        "Produced by `make bench-train` (`python scripts/bench_train.py`). Model: "
         f"`{s['settings']['model']}`. Data: Alpaca (`{Path(s['settings']['data']).name}`), fixed seeded split: "
         f"{s['eval_records']} held-out records evaluated, {s['train_records']} for training. Every row: "
         f"{s['steps']} steps, batch {s['batch_size']}, max length {s['seq_len']}, TRL `SFTTrainer` with "
@@ -424,7 +438,7 @@ FORWARDED = ("model", "data", "steps", "batch_size", "seq_len", "lr", "holdout",
 
 
 def _child_argv(args, name: str, json_out: Path) -> list[str]:
-    argv = [sys.executable, "-P", str(Path(__file__).resolve()), "--row", name, "--json-out", str(json_out)]
+    argv = [sys.executable, str(Path(__file__).resolve()), "--row", name, "--json-out", str(json_out)]
     for key in FORWARDED:
         value = getattr(args, key)
         if value is not None:

@@ -23,8 +23,8 @@ that matters, e.g. JSON whitespace), ``garbage`` (loaded, logits differ, no erro
 (any other exception type, or the child died).  With checksums on, ``garbage`` and ``crash``
 must be 0, and every interrupted save must leave a loadable copy (``lost`` = 0).
 
-    python -P scripts/fuzz.py                      # make fuzz: ~3-5 minutes
-    python -P scripts/fuzz.py --quick --seed 0     # what CI runs (tests/test_fuzz.py)
+    python scripts/fuzz.py                      # make fuzz: ~3-5 minutes
+    python scripts/fuzz.py --quick --seed 0     # what CI runs (tests/test_fuzz.py)
 """
 
 from __future__ import annotations
@@ -280,7 +280,7 @@ def run_loads(items: list[dict], reference_logits: str, work: Path, env_extra: d
         job = work / f"job-{time.time_ns()}.json"
         job.write_text(json.dumps({"items": remaining, "reference_logits": reference_logits, "results": str(results_file),
                                    "adapter_base": adapter_base}))
-        proc = subprocess.run([sys.executable, "-P", __file__, "--child", str(job)], env=env, timeout=timeout,
+        proc = subprocess.run([sys.executable, __file__, "--child", str(job)], env=env, timeout=timeout,
                               capture_output=True, text=True)
         for line in results_file.read_text().splitlines() if results_file.exists() else []:
             rec = json.loads(line)
@@ -342,7 +342,7 @@ def interrupted_saves(n: int, rng: random.Random, work: Path) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     for _ in range(n):
         code = SAVER.format(root=str(ROOT), out=str(out))
-        proc = subprocess.Popen([sys.executable, "-P", "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 env=env, text=True)
         assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
         delay = rng.uniform(0.0, 1.5)
@@ -371,7 +371,7 @@ def interrupted_saves(n: int, rng: random.Random, work: Path) -> dict:
 def property_tests(examples: int, seed: int) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WCT_FUZZ_EXAMPLES": str(examples)}
     t0 = time.time()
-    proc = subprocess.run([sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "tests/test_properties.py"),
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "tests/test_properties.py"),
                            str(ROOT / "tests/test_integrity.py") + "::test_hypothesis_fuzz_of_the_checkpoint_loader",
                            "--hypothesis-show-statistics", f"--hypothesis-seed={seed}"], cwd=ROOT, env=env,
                           capture_output=True, text=True)

@@ -9,8 +9,12 @@ from __future__ import annotations
 import importlib.util
 import os
 
-import pytest
-import torch
+# Unit tests are offline by design: no hub requests (bitsandbytes' optional CPU kernel among them, docs/upstream.md).
+# Set before anything imports huggingface_hub, which reads it once.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 def make_tiny_llama(seed: int = 0, hidden: int = 64, intermediate: int = 128, layers: int = 2, vocab: int = 128):

@@ -63,7 +63,10 @@ def test_bench_train_end_to_end(tiny_bench, tmp_path, capsys):
     assert 3.0 < by["wct-owq-3.1"]["bits_per_weight"] < 4.0
     # one created column per layer: the 14 decoder Linears of the tiny model, 2 x (64+32+32+64+128+128+64) outputs
     assert by["wct-bof4s"]["create_columns"] == 1 and by["wct-bof4s"]["trainable_params"] == 2 * 512
-    assert 4.1 < by["bnb-qlora-nf4"]["bits_per_weight"] < 4.2  # NF4 + double-quantized block-64 scales
+    assert 4.1 < by["bnb-qlora-nf4"]["bits_per_weight"] < 4.2  # NF4 + double-quantized block-64 scales, as stored
+    # bitsandbytes 0.50 expands the scales to bf16 for its CPU kernel after an eval forward (docs/upstream.md)
+    resident = by["bnb-qlora-nf4"]["resident_bits_per_weight"]
+    assert resident == pytest.approx(4.25) or resident == pytest.approx(by["bnb-qlora-nf4"]["bits_per_weight"], abs=1e-3)
     # LoRA over BOF4-S and over bnb NF4 train the same modules with the same rank
     assert by["lora-bof4s"]["trainable_params"] == by["bnb-qlora-nf4"]["trainable_params"]
 

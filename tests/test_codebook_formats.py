@@ -10,18 +10,26 @@ bnb_F = pytest.importorskip("bitsandbytes.functional")
 
 @pytest.mark.parametrize("shape", [(64, 128), (34, 64), (8, 576)])
 @pytest.mark.parametrize("block", [64, 128])
-def test_nf4_matches_bitsandbytes_bit_for_bit(shape, block):
+def test_nf4_matches_its_definition_and_bitsandbytes_codes(shape, block):
+    """Oracle: NF4's definition (bitsandbytes' table, its codes and absmax), not bitsandbytes' dequantizer.
+
+    bitsandbytes 0.50's CPU ``dequantize_4bit`` is wrong when a block spans two rows (docs/upstream.md), so its
+    output is an oracle only where every block lies inside one row.
+    """
     torch.manual_seed(sum(shape) + block)
     w = torch.randn(*shape) * 0.02
     assert w.numel() % block == 0  # bitsandbytes divides a tail block, we multiply by its reciprocal
     packed, state = bnb_F.quantize_4bit(w, blocksize=block, quant_type="nf4")
-    ref = bnb_F.dequantize_4bit(packed, state)
     b = packed.reshape(-1)
     ref_codes = torch.stack([b >> 4, b & 0xF], 1).reshape(-1)[: w.numel()].view(shape)
     qt = get_format("nf4", block_size=block).quantize(w)
     assert torch.equal(qt.codes().long(), ref_codes.long())
     assert torch.equal(qt.data["absmax"], state.absmax)
-    assert torch.equal(qt.dequantize(), ref)
+    table = bnb_F.get_4bit_type("nf4", device="cpu")
+    by_definition = (table[ref_codes.long()].reshape(-1, block) * state.absmax[:, None]).view(shape)
+    assert torch.equal(qt.dequantize(), by_definition)
+    if shape[-1] % block == 0:  # no block spans two rows: bitsandbytes' own dequantization is right here
+        assert torch.equal(bnb_F.dequantize_4bit(packed, state), by_definition)
 
 
 @pytest.mark.parametrize("name", ["nf4", "af4", "bof4", "bof4s"])

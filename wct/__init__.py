@@ -14,10 +14,10 @@ __version__ = "0.1.0"
 
 
 def _mount_source_kernels() -> None:
-    """Installed wheels map ``kernels/`` to ``wct.kernels``; a bare source checkout needs the same."""
+    """Installed wheels map ``kernels/wct_kernels/`` to ``wct.kernels``; a bare source checkout needs the same."""
     if "wct.kernels" in _sys.modules or _ilu.find_spec("wct.kernels") is not None:
         return
-    src = _os.path.join(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))), "kernels", "__init__.py")
+    src = _os.path.join(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))), "kernels", "wct_kernels", "__init__.py")
     if not _os.path.exists(src):
         raise ImportError("wct.kernels is missing: reinstall wct (pip install -e .)")
     spec = _ilu.spec_from_file_location("wct.kernels", src, submodule_search_locations=[_os.path.dirname(src)])
@@ -36,12 +36,14 @@ from wct.integrations import (  # noqa: E402  (importing registers quant_method=
     save_pretrained,
     sync_quantization,
 )
+from wct.integrations.bnb import quiet_offline_hub_kernel_notices  # noqa: E402
 from wct.integrations.peft import load_adapter, register_wct_peft  # noqa: E402
 from wct.nn import QuantLinear  # noqa: E402
 from wct.quantize import QuantConfig, model_bits  # noqa: E402
 from wct.tuners import QuantLoraLinear, WCTConfig, create_weak_columns, prepare_for_training  # noqa: E402
 
 register_wct_peft()
+quiet_offline_hub_kernel_notices()
 
 __all__ = [
     "QuantConfig",

