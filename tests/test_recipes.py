@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import make_tiny_llama, make_tiny_tokenizer
 
+from wct.tuners.wct import WCT_STORED_PEFT_TYPE
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "recipes"))
 
@@ -81,7 +83,7 @@ def test_ddp_two_cpu_processes_end_with_identical_adapters(tiny_setup, tmp_path)
     assert [r["world_size"] for r in recs] == [2, 2]  # really one DDP job, not two single runs
     assert recs[0]["sha256"] == recs[1]["sha256"]
     init = json.loads((out / "adapter" / "adapter_config.json").read_text())
-    assert init["peft_type"] == "WCT"
+    assert init["peft_type"] == WCT_STORED_PEFT_TYPE
 
 
 def test_resume_from_trainer_checkpoint(tiny_setup, tmp_path):

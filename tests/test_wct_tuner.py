@@ -19,6 +19,7 @@ from wct.integrations.transformers import load_quantized, quantize_model, save_p
 from wct.nn import QuantLinear
 from wct.quantize import QuantConfig
 from wct.tuners.wct import (
+    WCT_STORED_PEFT_TYPE,
     WCTConfig,
     WCTLayer,
     create_weak_columns,
@@ -201,7 +202,7 @@ def test_save_load_round_trip_is_exact(trained):
     files = set(os.listdir(trained["dir"]))
     assert {"adapter_config.json", "adapter_model.safetensors"} <= files
     cfg = json.load(open(os.path.join(trained["dir"], "adapter_config.json")))
-    assert cfg["peft_type"] == "WCT" and len(cfg["base_fingerprint"]) == 64
+    assert cfg["peft_type"] == WCT_STORED_PEFT_TYPE and len(cfg["base_fingerprint"]) == 64
     keys = load_file(os.path.join(trained["dir"], "adapter_model.safetensors")).keys()
     assert any(k.endswith(".wct_col_idx") for k in keys) and any(k.endswith(".wct_col_values") for k in keys)
     loaded = PeftModel.from_pretrained(quantized("owq"), trained["dir"])

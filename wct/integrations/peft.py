@@ -6,7 +6,11 @@
    (``register_peft_method`` only accepts members of its ``PeftType`` enum), so the
    string ``"WCT"`` is written into ``peft.mapping``'s three tables (config class,
    tuner class, parameter prefix).  ``get_peft_model``, ``PeftModel.from_pretrained``,
-   ``PeftConfig.from_pretrained`` and ``save_pretrained`` then work unchanged.
+   ``PeftConfig.from_pretrained`` and ``save_pretrained`` then work unchanged.  The
+   spelling stored in ``adapter_config.json`` (``WCT_STORED_PEFT_TYPE``, which names
+   ``import wct``) is registered as a config key too, so that a process without wct gets
+   ``KeyError: 'WCT: a wct adapter, it needs `pip install wct` and `import wct` …'``
+   instead of a bare ``KeyError: 'WCT'``.
 2. **LoRA dispatch to QuantLinear.**  PEFT dispatches custom layers through
    ``LoraConfig._register_custom_module``, an *instance* attribute that is not
    saved, so every config (also the one ``PeftModel.from_pretrained`` rebuilds from
@@ -24,8 +28,8 @@
 
 :func:`load_adapter` is the checked way to load an adapter directory: it
 registers first (a bare ``PeftModel.from_pretrained`` without ``import wct`` dies
-with ``KeyError: 'WCT'``), and it turns a missing, corrupt or incomplete file
-into a ``ValueError`` that names the file and the fix.  Adapters saved with
+with a ``KeyError`` that names ``import wct``), and it turns a missing, corrupt or
+incomplete file into a ``ValueError`` that names the file and the fix.  Adapters saved with
 ``wct.save_pretrained(peft_model, path)`` are written atomically with a checksum
 manifest, which ``load_adapter`` verifies.
 """
@@ -46,7 +50,7 @@ from torch import nn
 from wct.checkpoint_io import verify_manifest
 from wct.nn import QuantLinear
 from wct.tuners.lora import QuantLoraLinear
-from wct.tuners.wct import WCT_PEFT_TYPE, WCT_PREFIX, WCTConfig, WCTModel, quant_linear_layers
+from wct.tuners.wct import WCT_PEFT_TYPE, WCT_PREFIX, WCT_STORED_PEFT_TYPE, WCTConfig, WCTModel, quant_linear_layers
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -59,6 +63,8 @@ _MARK = "_wct_patched"
 def register_wct_peft() -> None:
     """Make PEFT know WCT, dispatch LoRA to ``QuantLoraLinear`` and expand "all-linear" to QuantLinear. Idempotent."""
     mapping.PEFT_TYPE_TO_CONFIG_MAPPING[WCT_PEFT_TYPE] = WCTConfig
+    # what adapter_config.json says since wct stores a peft_type that names the fix; the config is "WCT" again once read
+    mapping.PEFT_TYPE_TO_CONFIG_MAPPING[WCT_STORED_PEFT_TYPE] = WCTConfig
     mapping.PEFT_TYPE_TO_TUNER_MAPPING[WCT_PEFT_TYPE] = WCTModel
     mapping.PEFT_TYPE_TO_PREFIX_MAPPING[WCT_PEFT_TYPE] = WCT_PREFIX
     # PEFT_TYPE_TO_MIXED_MODEL_MAPPING is left alone: PeftMixedModel hard-codes its compatible types
@@ -69,6 +75,7 @@ def register_wct_peft() -> None:
 def is_registered() -> bool:
     return (
         mapping.PEFT_TYPE_TO_CONFIG_MAPPING.get(WCT_PEFT_TYPE) is WCTConfig
+        and mapping.PEFT_TYPE_TO_CONFIG_MAPPING.get(WCT_STORED_PEFT_TYPE) is WCTConfig
         and getattr(LoraConfig.__post_init__, _MARK, False)
         and getattr(LoraModel._prepare_model, _MARK, False)
     )

@@ -16,6 +16,17 @@ registered quantizer.  Importing this module registers:
 
 Checkpoints are safetensors only (no pickle).  :func:`save_pretrained` writes them
 atomically; :func:`load_quantized` is the checked way back.
+
+**Without ``import wct`` a checkpoint refuses to load** (instead of transformers' silent
+random init).  For an unknown ``quant_method`` transformers only logs a warning and builds
+dense, randomly initialised Linears, and nothing inside ``quantization_config`` can make it
+raise.  So :func:`save_pretrained` also writes ``config.json["transformers_weights"] =``
+:data:`LOAD_GUARD`: transformers validates that top-level field (it must name a
+``*.safetensors`` file) and raises ``ValueError`` quoting it, i.e. quoting the fix
+(``pip install wct`` / ``import wct``).  With wct imported, :class:`WCTHfQuantizer` drops the
+field in ``update_attn_implementation`` — the one quantizer hook that sees the model config
+between the quantizer's creation and the weights-file lookup — so ``from_pretrained`` then
+reads ``model.safetensors`` as usual.  Checkpoints without the field (older wct) still load.
 """
 
 from __future__ import annotations
@@ -50,6 +61,16 @@ log = logging.getLogger(__name__)
 
 QUANT_METHOD = "wct"
 FORMAT_VERSION = 1  # bump when the meaning of the stored buffers or of the layer specs changes
+
+# config.json field and value that make a wct checkpoint fail loudly in a process without `import wct`
+# (see the module docstring).  The value must not end in ".safetensors"/".safetensors.index.json": that
+# is what transformers checks.  The prefix identifies the guard, so rewording the message stays compatible.
+LOAD_GUARD_FIELD = "transformers_weights"
+_LOAD_GUARD_PREFIX = "wct checkpoint:"
+LOAD_GUARD = (
+    f"{_LOAD_GUARD_PREFIX} its quantized layers are packed and load only through the wct quantizer (without it "
+    "transformers would fill them with random weights). pip install wct, then run `import wct` before from_pretrained"
+)
 
 _ST_DTYPE = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -161,6 +182,21 @@ class WCTHfQuantizer(HfQuantizer):
 
     def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
         return dtype  # the compute dtype of the float params; packed buffers keep their own dtypes (meta dtype wins)
+
+    def update_attn_implementation(self, config):
+        """Drop the no-``import wct`` guard (:data:`LOAD_GUARD`) from the config about to be loaded.
+
+        transformers calls this right after creating the quantizer and before it resolves the
+        weights file from ``config.transformers_weights``; it is the only quantizer hook that
+        receives the model config there.  The attention implementation itself is left alone.
+        """
+        base = getattr(super(), "update_attn_implementation", None)
+        return drop_load_guard(base(config) if base is not None else config)
+
+    def update_tp_plan(self, config):
+        """Earlier transformers 5.x releases call this hook (not ``update_attn_implementation``) with the config."""
+        base = getattr(super(), "update_tp_plan", None)
+        return drop_load_guard(base(config) if base is not None else config)
 
     def _process_model_before_weight_loading(self, model: nn.Module, checkpoint_files=None, **kwargs: Any):
         """Swap every listed Linear for an empty QuantLinear with the exact per-layer buffer shapes.
@@ -405,6 +441,7 @@ def save_pretrained(
         sync_quantization(model)  # the spec table must describe exactly the modules being saved
     with atomic_folder(out_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, **kwargs)
+        write_load_guard(tmp)  # before the manifest: plain transformers must refuse the folder, not load garbage
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     out = os.path.abspath(os.fspath(out_dir))
@@ -461,6 +498,17 @@ def load_quantized(path: str | os.PathLike, auto_class: Any = None, **kwargs: An
                 raise RuntimeError(_unregistered_message(path))
     try:
         model = auto_class.from_pretrained(path, **kwargs)
+    except ValueError as e:
+        if isinstance(e, WCTCheckpointError) or _LOAD_GUARD_PREFIX not in str(e):
+            raise
+        # transformers refused LOAD_GUARD: nothing dropped it, so the "wct" quantizer did not run
+        if is_registered() and not load_guard_supported():
+            raise RuntimeError(
+                f"{path} is a wct checkpoint, and wct is imported, but transformers {_transformers_version()} reads "
+                f"config.json's {LOAD_GUARD_FIELD!r} before wct's quantizer runs: upgrade transformers (>= 5), or "
+                f"pass config=AutoConfig.from_pretrained(path) after `del config.{LOAD_GUARD_FIELD}`"
+            ) from e
+        raise RuntimeError(_unregistered_message(path)) from e
     except (ArithmeticError, AssertionError, AttributeError, IndexError, KeyError, TypeError) as e:
         # transformers/safetensors internals tripping over a corrupt config.json or file: name the folder
         raise WCTCheckpointError(
@@ -474,6 +522,57 @@ def load_quantized(path: str | os.PathLike, auto_class: Any = None, **kwargs: An
         if not isinstance(getattr(model, "hf_quantizer", None), WCTHfQuantizer) or not layer_specs(model):
             raise RuntimeError(_unregistered_message(path))
     return model
+
+
+def load_guard_supported() -> bool:
+    """True where transformers consults the quantizer before it reads ``config.transformers_weights`` (5.x).
+
+    transformers 4.x validates that field before the quantizer exists, so a guarded checkpoint
+    would not load there even with wct imported; wct running on 4.x therefore writes no guard.
+    """
+    try:
+        return int(_transformers_version().split(".")[0]) >= 5
+    except ValueError:
+        return True
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def has_load_guard(config: Any) -> bool:
+    """True when ``config`` (a config object or a config.json dict) carries :data:`LOAD_GUARD`."""
+    value = config.get(LOAD_GUARD_FIELD) if isinstance(config, dict) else getattr(config, LOAD_GUARD_FIELD, None)
+    return isinstance(value, str) and value.startswith(_LOAD_GUARD_PREFIX)
+
+
+def drop_load_guard(config: Any) -> Any:
+    """Remove :data:`LOAD_GUARD` from a loaded config object (a real ``transformers_weights`` is kept)."""
+    if has_load_guard(config):
+        delattr(config, LOAD_GUARD_FIELD)
+    return config
+
+
+def write_load_guard(folder: str | os.PathLike) -> bool:
+    """Add :data:`LOAD_GUARD` to ``folder/config.json`` if it describes a wct checkpoint; True when written.
+
+    Needed after ``model.save_pretrained``: transformers deletes ``transformers_weights`` from
+    every config it saves, so the field cannot travel on ``model.config``.
+    """
+    cfg_file = os.path.join(os.fspath(folder), "config.json")
+    if not load_guard_supported() or not os.path.isfile(cfg_file):
+        return False
+    with open(cfg_file, encoding="utf-8") as f:
+        cfg = json.load(f)
+    qc = cfg.get("quantization_config")
+    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
+        return False
+    cfg[LOAD_GUARD_FIELD] = LOAD_GUARD
+    with open(cfg_file, "w", encoding="utf-8") as f:
+        f.write(json.dumps(cfg, indent=2, sort_keys=True) + "\n")  # transformers' own layout
+    return True
 
 
 def _provenance(qc: WCTQuantizationConfig) -> QuantConfig | None:

@@ -7,7 +7,7 @@ The PEFT registration (string ``peft_type`` ``"WCT"``) lives in
 :mod:`wct.integrations.peft`, one floor up.
 """
 
-from .config import WCT_PEFT_TYPE, WCT_PREFIX, PeftTypeStr, WCTConfig
+from .config import WCT_PEFT_TYPE, WCT_PREFIX, WCT_STORED_PEFT_TYPE, PeftTypeStr, WCTConfig
 from .create import column_scores, create_weak_columns, expected_quant_error, split_weak_columns
 from .layer import WCTLayer
 from .model import WCTModel, base_fingerprint, prepare_for_training, quant_linear_layers
@@ -19,6 +19,7 @@ __all__ = [
     "WCTModel",
     "WCT_PEFT_TYPE",
     "WCT_PREFIX",
+    "WCT_STORED_PEFT_TYPE",
     "base_fingerprint",
     "column_scores",
     "create_weak_columns",

@@ -8,12 +8,21 @@ layer), training needs no dense weight, and merging is exact.
 Every dataclass field lands in ``adapter_config.json``.  The fields must fully
 determine the adapter's shapes, because PEFT builds the layers first and then
 copies the saved tensors into them.
+
+In memory ``peft_type`` is ``"WCT"``; on disk it is :data:`WCT_STORED_PEFT_TYPE`, a
+string that names the fix.  PEFT reads ``peft_type`` before anything else and looks it
+up in ``PEFT_TYPE_TO_CONFIG_MAPPING``; in a process without ``import wct`` the only thing
+that reaches the user is the ``KeyError`` it raises, which quotes the key.  With wct
+imported both spellings are registered (old adapters say ``"WCT"``) and
+``__post_init__`` turns either back into ``"WCT"``.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 from peft import PeftConfig
 
@@ -40,6 +49,8 @@ class PeftTypeStr(str):
 
 
 WCT_PEFT_TYPE = PeftTypeStr("WCT")
+# what adapter_config.json stores: without `import wct`, PEFT's KeyError quotes it (see the module docstring)
+WCT_STORED_PEFT_TYPE = "WCT: a wct adapter, it needs `pip install wct` and `import wct` before loading"
 
 
 @dataclass
@@ -129,3 +140,13 @@ class WCTConfig(PeftConfig):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """PEFT's writer, then ``peft_type`` replaced by :data:`WCT_STORED_PEFT_TYPE` (every adapter save ends here)."""
+        super().save_pretrained(save_directory, **kwargs)
+        path = os.path.join(save_directory, "adapter_config.json")
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+        cfg["peft_type"] = WCT_STORED_PEFT_TYPE
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(json.dumps(cfg, indent=2))  # key order as PEFT wrote it
