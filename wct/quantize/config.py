@@ -55,6 +55,9 @@ class QuantConfig:
             raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
         if self.method in INTEGER_METHODS and self.wbits not in (2, 3, 4, 8):
             raise ValueError(f"wbits={self.wbits} is not supported; choose 2, 3, 4 or 8")
+        if self.method in CODEBOOK_METHODS and self.wbits != 4:
+            raise ValueError(f"{self.method} is a 4-bit codebook, wbits={self.wbits} does not apply; leave wbits at 4, "
+                             f"or use an integer method (rtn, gptq, owq, gwq) for {self.wbits}-bit codes")
         if not 0 <= self.outlier_ratio < 1:
             raise ValueError(f"outlier_ratio must be in [0, 1), got {self.outlier_ratio}")
         if not 0 < self.opq_quantile < 1:
