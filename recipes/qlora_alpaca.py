@@ -24,7 +24,7 @@ from wct.models import load_model
 def to_bnb_nf4_(model, compute_dtype=torch.float32, blocksize: int = 64) -> int:
     """Swap the decoder Linears for bitsandbytes NF4 layers; returns how many were swapped."""
     from wct.integrations.bnb import import_bitsandbytes
-    from wct.quantize.model_utils import quantizable_linears, set_module
+    from wct.nn.model_utils import quantizable_linears, set_module
 
     bnb = import_bitsandbytes()
     n = 0

@@ -214,7 +214,7 @@ def anchor_bits(model) -> float:
 def bnb_nf4_(model) -> float:
     """Replace block Linear weights by bitsandbytes' own NF4 (block 64) round trip; returns bits/weight."""
     from wct.integrations.bnb import import_bitsandbytes
-    from wct.quantize.model_utils import quantizable_linears
+    from wct.nn.model_utils import quantizable_linears
 
     bnbF = import_bitsandbytes().functional
 

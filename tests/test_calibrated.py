@@ -7,9 +7,9 @@ from conftest import make_tiny_llama, make_tiny_opt
 import wct
 from wct.formats import get_format
 from wct.nn import QuantLinear
+from wct.nn.model_utils import find_blocks
 from wct.quantize import QuantConfig, quantize_model
 from wct.quantize.gptq import GPTQ
-from wct.quantize.model_utils import find_blocks
 from wct.quantize.owq import allocate_weak_columns, column_sensitivity, select_weak_columns
 
 

@@ -30,9 +30,9 @@ from wct.integrations import (
     sync_quantization,
 )
 from wct.nn import QuantLinear
+from wct.nn.model_utils import set_module
 from wct.quantize import QuantConfig
 from wct.quantize.api import QUANT_ATTR
-from wct.quantize.model_utils import set_module
 
 CASES = {
     "rtn-int4-g32": QuantConfig(method="rtn", wbits=4, group_size=32),

@@ -16,8 +16,8 @@ from wct.integrations.outliertune import (
     save_outliertune,
 )
 from wct.nn.act_quant_linear import ActQuantLinear, channel_transform, fold_channel_transform, qmax
+from wct.nn.model_utils import find_blocks
 from wct.quantize import QuantConfig, quantize_model
-from wct.quantize.model_utils import find_blocks
 from wct.quantize.outliertune import (
     ActQuantConfig,
     ChannelStats,

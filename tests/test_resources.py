@@ -13,10 +13,10 @@ from wct import resources
 from wct.formats import get_format
 from wct.integrations.transformers import WCTCheckpointError, load_quantized, save_pretrained
 from wct.nn import QuantLinear
+from wct.nn.model_utils import NonFiniteError
 from wct.quantize import QuantConfig, quantize_model
 from wct.quantize import engine as engine_mod
 from wct.quantize.gptq import GPTQ
-from wct.quantize.model_utils import NonFiniteError
 from wct.quantize.outliertune import ActQuantConfig, quantize_activations
 
 CALIB = torch.randint(8, 128, (16, 32), generator=torch.Generator().manual_seed(0))  # token 7 never occurs

@@ -28,6 +28,18 @@ from typing import Any
 from wct.checkpoint_io import SAFETENSORS_DTYPE_BYTES, WCTCheckpointError, read_safetensors_header
 
 SKIP_ENV = "WCT_SKIP_MEMORY_CHECK"
+
+
+def model_device(model: Any) -> Any:
+    """Where a model's tensors live: its first parameter's device, else its first buffer's (a model built only of
+    packed layers has no parameters), else CPU.  The one definition, for every floor."""
+    import torch
+
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
 FAKE_ENV = "WCT_FAKE_AVAILABLE_MEMORY"
 DEFAULT_MARGIN = 1.1  # needed × margin must fit into what is available
 

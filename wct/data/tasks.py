@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from wct.checkpoint_io import atomic_write_text
+from wct.resources import model_device
 
 Example = dict[str, str]
 # A generator gets a seeded RNG and returns (instruction, input, output).
@@ -399,13 +400,6 @@ def contains_answer(got: str, expected: str) -> bool:
     return re.search(rf"(?<!\w){re.escape(e)}(?!\w)", g) is not None
 
 
-def _model_device(model: Any) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except (StopIteration, AttributeError):
-        return torch.device("cpu")
-
-
 def _pad_id(tokenizer: Any) -> int:
     """The pad id if the tokenizer has one, else EOS (padding is masked, so its value is irrelevant)."""
     for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
@@ -510,7 +504,7 @@ def evaluate_exact_match(
     start = time.perf_counter()
     encoded = [_encode(render_prompt(ex, tokenizer), tokenizer) for ex in examples]
     order = sorted(range(len(examples)), key=lambda i: len(encoded[i]))
-    pad_id, stop_ids, device = _pad_id(tokenizer), _stop_ids(model, tokenizer), _model_device(model)
+    pad_id, stop_ids, device = _pad_id(tokenizer), _stop_ids(model, tokenizer), model_device(model)
     replies: list[str] = [""] * len(examples)
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     with _EvalMode(model):
@@ -571,7 +565,7 @@ def heldout_loss(
         pc = to_prompt_completion(ex, tokenizer)
         prompt_ids, completion_ids = _encode(pc["prompt"], tokenizer), _encode(pc["completion"], tokenizer)
         rows.append((prompt_ids + completion_ids, len(prompt_ids)))
-    pad_id, device = _pad_id(tokenizer), _model_device(model)
+    pad_id, device = _pad_id(tokenizer), model_device(model)
     total, count = torch.zeros((), dtype=torch.float64), 0
     with _EvalMode(model):
         for s in tqdm(range(0, len(rows), batch_size), desc="Held-out loss", unit="batch", disable=not progress):

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from wct.data.calibration import load_token_stream, tokenize_text
+from wct.resources import model_device
 
 
 def _as_stream(tokens_or_text: Any, tokenizer: Any) -> torch.Tensor:
@@ -57,14 +58,6 @@ def _logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     if isinstance(out, (tuple, list)):
         return out[0]
     raise TypeError(f"model returned {type(out).__name__}; expected logits, an output with .logits, or a tuple")
-
-
-def _model_device(model: torch.nn.Module) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return torch.device("cpu")
 
 
 def perplexity(
@@ -106,7 +99,7 @@ def perplexity(
             f"({stream.numel()} tokens); lower n_windows or pass None for all"
         )
     windows = stream[: n_windows * seq_len].view(n_windows, seq_len)
-    device = _model_device(model)
+    device = model_device(model)
 
     modes = {module: module.training for module in model.modules()}  # restored exactly, per module
     model.eval()

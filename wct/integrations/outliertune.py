@@ -32,7 +32,7 @@ from torch import nn
 
 from wct.checkpoint_io import atomic_folder, verify_manifest
 from wct.nn.act_quant_linear import ActQuantLinear
-from wct.quantize.model_utils import set_module
+from wct.nn.model_utils import set_module
 from wct.quantize.outliertune import ActQuantConfig, model_act_quant_bytes, quantize_activations
 
 FORMAT = "wct-outliertune"

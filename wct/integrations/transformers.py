@@ -51,7 +51,7 @@ from wct.checkpoint_io import (
     read_safetensors_header,
     verify_manifest,
 )
-from wct.nn import QuantLinear
+from wct.nn import QuantLinear, set_module
 from wct.quantize import QuantConfig
 from wct.quantize import quantize_model as _quantize_modules
 from wct.quantize.api import QUANT_ATTR
@@ -215,7 +215,7 @@ class WCTHfQuantizer(HfQuantizer):
                 q = QuantLinear.from_spec(in_f, out_f, spec, device=device)
             except (ValueError, TypeError, KeyError) as e:
                 raise WCTCheckpointError(f"{where}: bad layer spec in quantization_config ({e})") from None
-            _set_module(model, where, q)
+            set_module(model, where, q)
         if checkpoint_files:
             for folder in sorted({os.path.dirname(os.fspath(f)) for f in checkpoint_files}):
                 verify_manifest(folder)  # a flipped bit in a packed code is a valid code: only a checksum sees it
@@ -246,7 +246,7 @@ class WCTHfQuantizer(HfQuantizer):
                     dense.weight.copy_(module.dequantize_weight(dtype))
                     if module.bias is not None:
                         dense.bias.copy_(module.bias.to(dtype))
-                _set_module(model, name, dense)
+                set_module(model, name, dense)
         if hasattr(model, QUANT_ATTR):
             delattr(model, QUANT_ATTR)
         return model
@@ -628,12 +628,6 @@ def _linear_shape(name: str, module: nn.Module) -> tuple[int, int]:
     raise WCTCheckpointError(
         f"{name}: quantization_config lists it as a quantized Linear, but the model has a {type(module).__name__} there"
     )
-
-
-def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
 
 
 def _check_files_against_model(model: nn.Module, layers: dict[str, dict], files: Iterable) -> None:

@@ -1,5 +1,6 @@
-"""Layer floor: ``QuantLinear`` (packed base + outliers + bias)."""
+"""Layer floor: ``QuantLinear`` (packed base + outliers + bias) and the helpers that walk a model's layers."""
 
+from .model_utils import model_device, packed_layers, set_module
 from .quant_linear import QuantLinear
 
-__all__ = ["QuantLinear"]
+__all__ = ["QuantLinear", "model_device", "packed_layers", "set_module"]

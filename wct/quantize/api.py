@@ -11,9 +11,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from wct.nn import QuantLinear
+from wct.nn.model_utils import check_finite_weights, linear_weight, quantizable_linears, set_module
 
 from .config import QuantConfig
-from .model_utils import check_finite_weights, linear_weight, quantizable_linears, set_module
 from .opq import opq_outlier_mask
 
 QUANT_ATTR = "wct_quantization"  # model attribute: {"config": QuantConfig, "layers": {name: spec}}

@@ -13,7 +13,7 @@ step adds and checks it against the free memory (:mod:`wct.resources`), so a run
 cannot fit fails at once with the numbers instead of being OOM-killed later.
 
 Numerical hygiene: NaN/Inf in a weight, in a layer's calibration inputs or in the GWQ
-gradients raise :class:`~wct.quantize.model_utils.NonFiniteError` naming the layer.
+gradients raise :class:`~wct.nn.model_utils.NonFiniteError` naming the layer.
 """
 
 from __future__ import annotations
@@ -28,11 +28,7 @@ from tqdm.auto import tqdm
 from wct import resources
 from wct.formats.integer import IntegerFormat
 from wct.nn import QuantLinear
-
-from .config import QuantConfig
-from .gptq import GPTQ
-from .gwq import gradient_memory_bytes, gradient_scores, outlier_mask_from_scores
-from .model_utils import (
+from wct.nn.model_utils import (
     CHECK_HINT,
     NonFiniteError,
     check_finite_weights,
@@ -43,6 +39,10 @@ from .model_utils import (
     quantizable_linears,
     set_module,
 )
+
+from .config import QuantConfig
+from .gptq import GPTQ
+from .gwq import gradient_memory_bytes, gradient_scores, outlier_mask_from_scores
 from .owq import allocate_weak_columns, column_sensitivity, select_weak_columns
 
 log = logging.getLogger(__name__)

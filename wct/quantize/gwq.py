@@ -21,8 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from wct.formats.integer import IntegerFormat
-
-from .model_utils import CHECK_HINT, NonFiniteError, linear_weight
+from wct.nn.model_utils import CHECK_HINT, NonFiniteError, linear_weight
 
 
 def gradient_scores(

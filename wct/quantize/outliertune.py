@@ -61,6 +61,15 @@ from tqdm.auto import tqdm
 from wct import resources
 from wct.nn import QuantLinear
 from wct.nn.act_quant_linear import ActQuantLinear, channel_transform, check_bits, qmax
+from wct.nn.model_utils import (
+    CHECK_HINT,
+    NonFiniteError,
+    find_blocks,
+    find_linears,
+    first_bad_sample,
+    linear_weight,
+    set_module,
+)
 
 from .engine import (
     _call_order_groups,
@@ -71,15 +80,6 @@ from .engine import (
     capture_block_inputs,
 )
 from .gptq import GPTQ
-from .model_utils import (
-    CHECK_HINT,
-    NonFiniteError,
-    find_blocks,
-    find_linears,
-    first_bad_sample,
-    linear_weight,
-    set_module,
-)
 
 log = logging.getLogger(__name__)
 

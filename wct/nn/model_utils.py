@@ -1,14 +1,20 @@
-"""Finding the parts of a Hugging Face decoder-only model, generically.
+"""Finding the parts of a Hugging Face decoder-only model, generically: the one home of model helpers.
 
 No per-architecture table: the decoder blocks are the longest ``nn.ModuleList``
 whose children all share one class (``model.layers`` in Llama/Mistral/Qwen2,
-``model.decoder.layers`` in OPT, ``transformer.h`` in GPT-2 ...).
+``model.decoder.layers`` in OPT, ``transformer.h`` in GPT-2 ...).  Quantizers, tuners,
+integrations and evaluation all walk models through these functions, so a new
+architecture quirk is handled once.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from wct.resources import model_device  # noqa: F401  (re-exported: the model helpers' home)
+
+from .quant_linear import QuantLinear
 
 try:  # GPT-2 style models use a transposed Linear
     from transformers.pytorch_utils import Conv1D
@@ -50,9 +56,21 @@ def find_linears(block: nn.Module, prefix: str = "") -> dict[str, nn.Module]:
 
 
 def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at dotted ``name`` (``""`` parents are the root itself)."""
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, new)
+
+
+def packed_layers(model: nn.Module) -> dict[str, QuantLinear]:
+    """Every ``QuantLinear`` of ``model`` by qualified name, in registration order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def output_embedding(model: nn.Module) -> nn.Module | None:
+    """The module that produces the logits (``lm_head``), or ``None`` for models without that API."""
+    getter = getattr(model, "get_output_embeddings", None)
+    return getter() if callable(getter) else None
 
 
 def quantizable_linears(model: nn.Module, include_lm_head: bool = False, skip: tuple[str, ...] = ()) -> dict[str, nn.Module]:
