@@ -65,10 +65,10 @@ lint: install
 	$(PY) -m ruff check wct kernels/wct_kernels recipes tests scripts
 
 demo: install
-	$(PY) -m wct.demo
+	$(PY) scripts/demo.py
 
 demo-formats: install
-	$(PY) -m wct.demo_formats
+	$(PY) scripts/demo_formats.py
 
 ALPACA ?= ../shared/data/alpaca/alpaca_5000.json
 TRAIN_ARGS ?= --dataset_name $(ALPACA) --max_steps 200 --per_device_train_batch_size 4 --max_length 256 \
@@ -83,7 +83,7 @@ train-ddp: install
 		--output_dir runs/wct-alpaca-ddp $(TRAIN_ARGS)
 
 codebooks: install
-	$(PY) -m wct.formats.codebook --regenerate
+	$(PY) scripts/regenerate_codebooks.py
 
 bench-codebooks: install
 	$(PY) scripts/bench_codebooks.py

@@ -14,8 +14,10 @@ quantized blocks (``ActQuantConfig.sequential``), at two model passes per calibr
 Latency: batch 1, ``--threads`` torch threads (default 1, also for the rest of the run); decode ms/token (KV cache, one token
 per step, after a 16-token prompt) and the 512-token prefill ms/token, each row timed right
 after a fresh fp32 timing so load from other processes hits both alike (median of
-``--repeats``).  Rows are cached in docs/benchmarks/actquant.json as they finish
-(``--only outliertune-w6a6`` re-runs one row); the Markdown is rewritten from all rows.
+``--repeats``).  Rows are cached in docs/benchmarks/actquant.json as they finish and skipped
+when cached with the same protocol (windows, calibration samples, statistics pass, threads,
+latency measured or not), so a stopped run resumes; ``--only outliertune-w6a6 --fresh``
+re-measures one row and keeps the others.  The Markdown is rewritten from all rows.
 
     make bench-actquant
     python scripts/bench_actquant.py --windows 8 --calib-samples 16 --only fp32,outliertune-w8a8
@@ -26,13 +28,22 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if str(Path(__file__).resolve().parent) not in sys.path:  # benchlib beside this file, also when loaded by path
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import FRESH_HELP, load_rows, replace_row, reusable_row, save_json  # noqa: E402
+
+if TYPE_CHECKING:
+    from wct.actquant import ActQuantConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
@@ -68,8 +79,8 @@ def _bits(tag: str) -> int:
 
 
 def model_memory(model) -> dict:
+    from wct.actquant import model_act_quant_bytes
     from wct.nn.act_quant_linear import ActQuantLinear
-    from wct.quantize.outliertune import model_act_quant_bytes
 
     sizes = model_act_quant_bytes(model)
     packed = 0  # the fbgemm packed copy built at first use (8-bit activations: the [C, -C] split, 2x)
@@ -114,9 +125,34 @@ def latency(model, fp32, steps: int, repeats: int) -> dict:
             "speedup_decode": round(med[0] / med[1], 3), "speedup_512": round(med[2] / med[3], 3)}
 
 
+def row_config(name: str, args: argparse.Namespace) -> ActQuantConfig | None:
+    """The ``ActQuantConfig`` a row runs with under this run's ``--stats`` (None for fp32)."""
+    from wct.actquant import ActQuantConfig
+
+    method, bits, overrides = ALL[name]
+    if method == "fp32":
+        return None
+    cfg = ActQuantConfig(method=method, wbits=_bits(bits), abits=_bits(bits), **overrides)
+    if args.stats == "sequential":
+        cfg.sequential = True
+    return cfg
+
+
+def row_stats(cfg: ActQuantConfig | None) -> str:
+    """How a row's calibration statistics are gathered: ``"float"`` (one fp32 pass) or ``"sequential"``."""
+    return "sequential" if cfg is not None and (cfg.sequential or cfg.weight_solver == "gptq") else "float"
+
+
+def same_protocol(rec: dict, args: argparse.Namespace) -> bool:
+    """Whether a cached row was measured as this run would measure it (what the report states per row)."""
+    return (rec.get("windows") == args.windows and rec.get("calib_samples") == args.calib_samples
+            and rec.get("stats") == row_stats(row_config(rec["row"], args)) and rec.get("threads") == args.threads
+            and (args.no_latency or "speedup_decode" in rec) and math.isfinite(rec.get("ppl", math.nan)))
+
+
 def run_row(name: str, ctx: dict, args) -> dict:
+    from wct.actquant import quantize_activations
     from wct.eval import perplexity
-    from wct.quantize.outliertune import ActQuantConfig, quantize_activations
 
     method, bits, overrides = ALL[name]
     base = ctx["model"]
@@ -130,11 +166,9 @@ def run_row(name: str, ctx: dict, args) -> dict:
         rec["quantize_seconds"] = 0.0
     else:
         model = copy.deepcopy(base)
-        cfg = ActQuantConfig(method=method, wbits=_bits(bits), abits=_bits(bits), **overrides)
-        if args.stats == "sequential":
-            cfg.sequential = True
-        sequential = cfg.sequential or cfg.weight_solver == "gptq"
-        rec["stats"] = "sequential" if sequential else "float"
+        cfg = row_config(name, args)
+        rec["stats"] = row_stats(cfg)
+        sequential = rec["stats"] == "sequential"
         # float statistics: one pass of the fp32 model, shared by every row (what quantize_activations does by default)
         kw = {"stats": ctx["stats"]()} if cfg.calibrated and not sequential else {"calibration": ctx["calib"]()}
         report = quantize_activations(model, cfg, progress=not args.no_progress, **kw)
@@ -267,7 +301,7 @@ def write_reports(records: list[dict], args) -> None:
                 "stats": sorted({r["stats"] for r in records}), "threads": sorted({r.get("threads") for r in records} - {None})}
     payload = {"protocol": protocol, "paper_claims": PAPER, "records": main, "ablations": abl,
                "configs": {r["row"]: r.get("config") for r in records if r.get("config")}}
-    (OUT / "actquant.json").write_text(json.dumps(payload, indent=1) + "\n")
+    save_json(OUT / "actquant.json", payload)
     by = {r["row"]: r for r in records}
     wins = ", ".join(map(str, protocol["windows"]))
     cal = ", ".join(map(str, protocol["calib_samples"]))
@@ -319,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-latency", action="store_true")
     ap.add_argument("--no-ablations", action="store_true")
-    ap.add_argument("--fresh", action="store_true", help="ignore cached rows")
+    ap.add_argument("--fresh", action="store_true", help=FRESH_HELP)
     ap.add_argument("--report-only", action="store_true", help="rewrite the Markdown / JSON from the cached rows")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
@@ -333,17 +367,25 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     import wct  # noqa: F401  (import order: registers the integrations before transformers models load)
+    from wct.actquant import collect_activation_stats
     from wct.data import get_calibration_windows, load_token_stream
     from wct.models import load_model
-    from wct.quantize.outliertune import collect_activation_stats
 
     OUT.mkdir(parents=True, exist_ok=True)
     cache = OUT / "actquant.json"
-    records: list[dict] = []
-    if cache.exists() and not args.fresh:
-        old = json.loads(cache.read_text())
-        records = old.get("records", []) + old.get("ablations", [])
+    records = load_rows(cache, unpack=lambda doc: doc.get("records", []) + doc.get("ablations", []))
     if args.report_only:
+        write_reports(records, args)
+        print((OUT / "actquant.md").read_text())
+        return 0
+    todo = []
+    for name in names:
+        cached = reusable_row(records, name, lambda r: same_protocol(r, args), args.fresh, key="row")
+        if cached:
+            print(f"{name}: cached in {cache} (ppl {cached['ppl']}; --fresh to re-run)", flush=True)
+        else:
+            todo.append(name)
+    if not todo:  # every named row is cached: no model to load
         write_reports(records, args)
         print((OUT / "actquant.md").read_text())
         return 0
@@ -362,9 +404,9 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     ctx = {"model": model, "test": load_token_stream(str(DATA / "test.txt"), tok), "calib": calib, "stats": stats}
-    for name in names:
+    for name in todo:
         rec = run_row(name, ctx, args)
-        records = [r for r in records if r["row"] != name] + [rec]
+        records = replace_row(records, rec, key="row")
         write_reports(records, args)
         print(json.dumps({k: v for k, v in rec.items() if k != "config"}), flush=True)
     print((OUT / "actquant.md").read_text())

@@ -16,7 +16,6 @@ prints the Markdown table.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,10 @@ import numpy as np  # noqa: E402
 
 from wct.checkpoint_io import atomic_write_text  # noqa: E402
 from wct.formats.codebook import codebook_error, get_codebook  # noqa: E402
+
+if str(Path(__file__).resolve().parent) not in sys.path:  # benchlib beside this file, also when loaded by path
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import save_json  # noqa: E402
 
 BLOCK_SIZES = (32, 64, 128, 256)
 
@@ -206,11 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     md = render_markdown(rows, args.weights, args.seed, seconds)
     records = [{k: r[k] for k in ("codebook", "block_size", "mse", "mae")} for r in rows]
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    for name, text in (
-        ("codebooks.md", md),
-        ("codebooks.json", json.dumps(records, indent=1) + "\n"),
-    ):
-        atomic_write_text(args.out_dir / name, text)
+    atomic_write_text(args.out_dir / "codebooks.md", md)
+    save_json(args.out_dir / "codebooks.json", records)
     print(markdown_table(rows))
     print(f"\nwrote {args.out_dir / 'codebooks.md'} and codebooks.json in {seconds:.1f} s")
     return 0

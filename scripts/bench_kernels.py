@@ -28,7 +28,6 @@ load average is recorded with the results.  Writes ``docs/benchmarks/kernels.md`
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -49,7 +48,12 @@ from wct.kernels import (  # noqa: E402
     torch_backend,  # noqa: E402
 )
 
+from wct.checkpoint_io import atomic_write_text  # noqa: E402
 from wct.formats import get_format  # noqa: E402
+
+if str(Path(__file__).resolve().parent) not in sys.path:  # benchlib beside this file, also when loaded by path
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import save_json  # noqa: E402
 
 CPU_SHAPES = {"q/o 576->576": (576, 576), "k/v 576->192": (576, 192), "gate/up 576->1536": (576, 1536),
               "down 1536->576": (1536, 576)}
@@ -305,9 +309,8 @@ def write_report(cpu: list[dict], gpu: list[dict] | None, gpu_meta: dict | None,
         md += _table(gpu, "bf16", with_bw=True)
     text = "\n".join(md) + "\n"
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "kernels.md").write_text(text)
-    (out_dir / "kernels.json").write_text(json.dumps({"meta": meta, "gpu_meta": gpu_meta, "cpu": cpu, "gpu": gpu or []},
-                                                     indent=1))
+    atomic_write_text(out_dir / "kernels.md", text)
+    save_json(out_dir / "kernels.json", {"meta": meta, "gpu_meta": gpu_meta, "cpu": cpu, "gpu": gpu or []})
     return text
 
 

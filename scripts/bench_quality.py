@@ -22,7 +22,6 @@ import json
 import math
 import os
 import re
-import resource
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,17 @@ from typing import NamedTuple
 
 import torch
 
-from wct.checkpoint_io import atomic_write_text
+if str(Path(__file__).resolve().parent) not in sys.path:  # benchlib beside this file, also when loaded by path
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import (  # noqa: E402
+    FRESH_HELP,
+    bnb_4bit_nbytes,
+    load_rows,
+    peak_rss_mb,
+    replace_row,
+    reusable_row,
+    save_json,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
@@ -63,7 +72,7 @@ ROWS: dict[str, dict | None] = {
     "owq-4.01": dict(method="owq", wbits=4, target_bits=4.01),
     "gwq-3": dict(method="gwq", wbits=3, outlier_ratio=0.01),
     "gwq-4": dict(method="gwq", wbits=4, outlier_ratio=0.01),
-    "gwq-3-fisher": dict(method="gwq", wbits=3, outlier_ratio=0.01, extra={"gwq_score": "fisher"}),  # g^2 * dW^2
+    "gwq-3-fisher": dict(method="gwq", wbits=3, outlier_ratio=0.01, gwq_score="fisher"),  # g^2 * dW^2
     "nf4": dict(method="nf4", block_size=64),
     "af4": dict(method="af4", block_size=64),
     "bof4": dict(method="bof4", block_size=64),
@@ -223,7 +232,7 @@ def bnb_nf4_(model) -> float:
         w = lin.weight.data
         packed, state = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4")
         lin.weight.data = bnbF.dequantize_4bit(packed, state).to(w.dtype)
-        nbytes += packed.numel() * packed.element_size() + state.absmax.numel() * 4
+        nbytes += bnb_4bit_nbytes(packed, state)
         numel += w.numel()
     return 8 * nbytes / numel
 
@@ -258,7 +267,7 @@ def run_row(name: str, windows: int, n_calib: int, progress: bool, calib_seed: i
     t1 = time.time()
     rec["ppl"] = perplexity(model, test, seq_len=512, n_windows=windows, batch_size=4, progress=progress)
     rec.update(eval_seconds=round(time.time() - t1, 1), windows=windows, calib_samples=n_calib,
-               peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+               peak_rss_mb=peak_rss_mb(),
                threads=torch.get_num_threads())
     rec["bits_per_weight"] = round(rec["bits_per_weight"], 4)
     rec["bits_anchor_protocol"] = round(rec["bits_anchor_protocol"], 4)
@@ -337,7 +346,7 @@ def write_reports(records: list[dict]) -> None:
         anchors = None
     order = {k: i for i, k in enumerate(ROWS)}
     records = sorted(records, key=lambda r: (order.get(r["method"].split("@")[0], 99), r["method"]))
-    atomic_write_text(OUT / "quality.json", json.dumps(records, indent=1) + "\n")
+    save_json(OUT / "quality.json", records)
     lines = [
         "# Quality: WikiText-2 perplexity vs bits per weight (SmolLM2-135M-Instruct)",
         "",
@@ -398,17 +407,18 @@ def write_reports(records: list[dict]) -> None:
 
 
 def cached_row(records: list[dict], name: str, args) -> dict | None:
-    """The cached record of row ``name`` if it was measured with this run's protocol, else None.
+    """The cached record of row ``name`` if it was measured with this run's protocol and ``--fresh`` is off, else None.
 
     Rows are reused across runs, so `make bench-quality` resumes where a stopped run left off; a row
     measured with other windows, calibration size or calibration draw is re-run instead.
     """
     key = f"{name}@seed{args.calib_seed}" if args.calib_seed else name
-    for r in records:
-        if (r.get("method") == key and r.get("windows") == args.windows
-                and r.get("calib_samples") == args.calib_samples and math.isfinite(r.get("ppl", math.nan))):
-            return r
-    return None
+
+    def same_protocol(r: dict) -> bool:
+        return (r.get("windows") == args.windows and r.get("calib_samples") == args.calib_samples
+                and math.isfinite(r.get("ppl", math.nan)))
+
+    return reusable_row(records, key, same_protocol, fresh=getattr(args, "fresh", False))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -416,8 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default=None, help="comma-separated row names (default: all)")
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--calib-samples", type=int, default=128)
-    ap.add_argument("--fresh", action="store_true",
-                    help="re-run the selected rows even when cached with the same protocol (other rows are kept)")
+    ap.add_argument("--fresh", action="store_true", help=FRESH_HELP)
     ap.add_argument("--calib-seed", type=int, default=0,
                     help="seed of the calibration draw; rows with another seed are stored as NAME@seedN")
     ap.add_argument("--no-progress", action="store_true")
@@ -427,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     cache = OUT / "quality.json"
     if args.report_only:  # no measurement: re-render quality.md (and the plot) from the cached rows
-        write_reports(json.loads(cache.read_text()))
+        write_reports(load_rows(cache))
         print((OUT / "quality.md").read_text())
         return 0
     try:  # fail before hours of measuring, not after: the report needs the anchors
@@ -445,11 +454,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     OUT.mkdir(parents=True, exist_ok=True)
     cache = OUT / "quality.json"
-    records = json.loads(cache.read_text()) if cache.exists() else []
+    records = load_rows(cache)
     torch.manual_seed(0)
     for name in names:
         cached = cached_row(records, name, args)
-        if cached and not args.fresh:
+        if cached:
             print(f"{cached['method']}: cached in {cache} (ppl {cached['ppl']}; --fresh to re-run)", flush=True)
             continue
         rec = run_row(name, args.windows, args.calib_samples, not args.no_progress, args.calib_seed)
@@ -459,8 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.contended:
             rec["contended"] = True
         # re-read the cache: another run (or a hand annotation) may have added rows meanwhile
-        records = json.loads(cache.read_text()) if cache.exists() else records
-        records = [r for r in records if r["method"] != name] + [rec]
+        records = replace_row(load_rows(cache, default=records), rec)
         write_reports(records)
         print(json.dumps(rec), flush=True)
     print((OUT / "quality.md").read_text())

@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -33,7 +31,19 @@ import tempfile
 import time
 from pathlib import Path
 
-from wct.checkpoint_io import atomic_write_text
+if str(Path(__file__).resolve().parent) not in sys.path:  # benchlib beside this file, also when loaded by path
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import (  # noqa: E402
+    FRESH_HELP,
+    all_finite,
+    bnb_bits,
+    load_rows,
+    peak_rss_mb,
+    replace_row,
+    reset_peak_rss,
+    reusable_row,
+    save_json,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -60,47 +70,6 @@ REQUIRED = ("method", "trainable_params", "step_seconds", "tokens_per_second", "
 # ---------------------------------------------------------------------------------------------------------------------
 # one row (child process)
 # ---------------------------------------------------------------------------------------------------------------------
-def _rss_mb() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (Linux >= 4.0), so the training phase gets its own peak."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _bnb_bits(model) -> tuple[float, float]:
-    """Bits per weight of the bitsandbytes 4-bit layers: (as stored, as resident now).
-
-    bitsandbytes 0.50 repacks a 4-bit weight for its CPU kernel after an eval-mode forward (docs/upstream.md):
-    the double-quantized block scales become bf16, 4.25 bits instead of the stored ~4.13. ``state_dict()``
-    converts back, so the stored size is read after it and the resident size before.
-    """
-    from wct.integrations.bnb import import_bitsandbytes
-
-    bnb = import_bitsandbytes()
-
-    def layer_bytes(m) -> int:
-        qs = m.weight.quant_state
-        n = m.weight.numel() * m.weight.element_size() + qs.absmax.numel() * qs.absmax.element_size()
-        if getattr(qs, "nested", False):  # double quantization (Params4bit's default): the scales' own scales
-            n += qs.state2.absmax.numel() * qs.state2.absmax.element_size() + 4
-        return n
-
-    stored = resident = numel = 0
-    for m in model.modules():
-        if isinstance(m, bnb.nn.Linear4bit):
-            resident += layer_bytes(m)
-            m.state_dict()  # undoes bitsandbytes' CPU repacking, as its own save does
-            stored += layer_bytes(m)
-            numel += m.in_features * m.out_features
-    return 8.0 * stored / numel, 8.0 * resident / numel
-
-
 def _settings(args) -> dict:
     """What a cached row must match to be reused."""
     return dict(model=args.model, data=str(args.data), steps=args.steps, batch_size=args.batch_size,
@@ -194,15 +163,15 @@ def run_row(name: str, args) -> dict:
         t1 = time.time()
         rec["eval_loss_before"] = trainer.evaluate()["eval_loss"]
         eval_seconds = time.time() - t1
-        setup_peak = _rss_mb()
+        setup_peak = peak_rss_mb()
         import gc
 
         gc.collect()
-        has_reset = _reset_peak_rss()
+        has_reset = reset_peak_rss()  # the training phase gets its own peak
         t2 = time.time()
         trainer.train()
         rec["train_seconds"] = round(time.time() - t2, 1)
-        rec["train_peak_rss_mb"] = _rss_mb() if has_reset else None
+        rec["train_peak_rss_mb"] = peak_rss_mb() if has_reset else None
         t3 = time.time()
         rec["eval_loss"] = trainer.evaluate()["eval_loss"]
         rec["eval_seconds"] = round(eval_seconds + time.time() - t3, 1)
@@ -210,7 +179,7 @@ def run_row(name: str, args) -> dict:
     if spec["base"] == "quant":
         rec["bits_per_weight"] = wct.model_bits(trainer.model)["bits_per_weight"]  # counts created columns too
     elif spec["base"] == "bnb":
-        rec["bits_per_weight"], rec["resident_bits_per_weight"] = _bnb_bits(trainer.model)
+        rec["bits_per_weight"], rec["resident_bits_per_weight"] = bnb_bits(trainer.model)  # stored, resident
     else:
         rec["bits_per_weight"] = 32.0
     timed = step_times[WARMUP_STEPS:] or step_times
@@ -219,7 +188,7 @@ def run_row(name: str, args) -> dict:
         step_seconds=statistics.median(timed),
         tokens_per_second=sum(tokens) / sum(timed),
         timed_steps=len(timed),
-        peak_rss_mb=max(setup_peak, _rss_mb()),
+        peak_rss_mb=max(setup_peak, peak_rss_mb()),
         lr=lr, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
         train_records=len(train), eval_records=len(held),
         calib_samples=args.calib_samples if spec.get("quant", {}).get("method") == "owq" else 0,
@@ -319,7 +288,7 @@ def write_reports(records: list[dict], out_dir: Path, plot_path: Path) -> None:
     order = {k: i for i, k in enumerate(ROWS)}
     records = sorted(records, key=lambda r: order.get(r["method"], 99))
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "train.json", json.dumps(records, indent=1) + "\n")
+    save_json(out_dir / "train.json", records)
     if not records:
         return
     s = records[0]
@@ -426,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads per row (default: torch's choice)")
     ap.add_argument("--out-dir", type=Path, default=OUT, help="where train.json/train.md (and, off default, the plot) go")
-    ap.add_argument("--fresh", action="store_true", help="re-run rows even when cached with the same settings")
+    ap.add_argument("--fresh", action="store_true", help=FRESH_HELP)
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--row", default=None, help=argparse.SUPPRESS)  # child mode: run one row
     ap.add_argument("--json-out", type=Path, default=None, help=argparse.SUPPRESS)
@@ -448,7 +417,7 @@ def _child_argv(args, name: str, json_out: Path) -> list[str]:
 
 
 def _is_finite_record(rec: dict) -> bool:
-    return all(k in rec and rec[k] is not None and math.isfinite(rec[k]) for k in REQUIRED[1:])
+    return all_finite(rec, REQUIRED[1:])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -476,12 +445,11 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = args.out_dir.resolve()
     plot = PLOT if out_dir == OUT.resolve() else out_dir / "train_loss.png"
     cache = out_dir / "train.json"
-    records = [] if not cache.exists() else json.loads(cache.read_text())
+    records = load_rows(cache)
     settings = _settings(args)
     failed = []
     for name in names:
-        cached = next((r for r in records if r["method"] == name), None)
-        if cached and not args.fresh and cached.get("settings") == settings and _is_finite_record(cached):
+        if reusable_row(records, name, lambda r: r.get("settings") == settings and _is_finite_record(r), args.fresh):
             print(f"{name}: cached in {cache} (--fresh to re-run)", flush=True)
             continue
         with tempfile.TemporaryDirectory(prefix="bench-train-row-") as tmp:
@@ -495,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
                 failed.append(name)
                 continue
             rec = json.loads(json_out.read_text())
-        records = [r for r in records if r["method"] != name] + [rec]
+        records = replace_row(records, rec)
         write_reports(records, out_dir, plot)
     write_reports(records, out_dir, plot)
     if (out_dir / "train.md").exists():

@@ -19,6 +19,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from transformers.trainer_utils import validate_quantization_for_training
 
 import wct  # noqa: F401  (registers quant_method="wct")
+import wct.integrations.checkpoint as hf_checkpoint
 import wct.integrations.transformers as hf
 from wct.formats import CodebookFormat, IntegerFormat
 from wct.integrations import (
@@ -394,7 +395,7 @@ def test_model_loaded_without_quantizer_is_rejected(built, monkeypatch):
     path = built("llama", "nf4").path
     monkeypatch.delitem(AUTO_QUANTIZER_MAPPING, "wct")
     monkeypatch.delitem(AUTO_QUANTIZATION_CONFIG_MAPPING, "wct")
-    monkeypatch.setattr(hf, "is_registered", lambda: True)
+    monkeypatch.setattr(hf_checkpoint, "is_registered", lambda: True)  # the pre-load check passes; the post-load one must not
     with pytest.raises(RuntimeError, match="import wct"):
         load_quantized(path)
 

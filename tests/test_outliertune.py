@@ -9,6 +9,14 @@ import torch.nn.functional as F
 from conftest import make_tiny_llama, make_tiny_opt
 
 import wct  # noqa: F401  (import order: registers integrations before transformers models load)
+from wct.actquant import (
+    ActQuantConfig,
+    ChannelStats,
+    collect_activation_stats,
+    fold_norm_into_linears,
+    quantize_activations,
+    smoothing_factors,
+)
 from wct.integrations.outliertune import (
     is_outliertune_checkpoint,
     load_outliertune,
@@ -17,15 +25,8 @@ from wct.integrations.outliertune import (
 )
 from wct.nn.act_quant_linear import ActQuantLinear, channel_transform, fold_channel_transform, qmax
 from wct.nn.model_utils import find_blocks
-from wct.quantize import QuantConfig, quantize_model
-from wct.quantize.outliertune import (
-    ActQuantConfig,
-    ChannelStats,
-    collect_activation_stats,
-    fold_norm_into_linears,
-    quantize_activations,
-    smoothing_factors,
-)
+from wct.quantize import QuantConfig
+from wct.quantize import quantize_modules as quantize_model
 
 METHODS = ("outliertune", "per-tensor", "per-token", "smoothquant")
 
@@ -288,7 +289,8 @@ def test_uncalibrated_static_layer_refuses_to_run():
 
 
 def test_stats_of_a_layer_never_called_raise():
-    from wct.quantize.outliertune import BlockStats, InputGroup, _plan_block
+    from wct.actquant import BlockStats, InputGroup
+    from wct.actquant.api import _plan_block
 
     model = make_tiny_llama()
     _, blocks = find_blocks(model)

@@ -1,6 +1,7 @@
 """Recipes end to end on a tiny local model: one process, two DDP processes, resume, and the LoRA baselines."""
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -47,6 +48,12 @@ def _args(model_dir, data, out, steps=3, extra=(), quant=OWQ_ARGS):
     ]
 
 
+def _assert_finite_loss(res: dict) -> None:
+    """The recipe's held-out loss is a finite number (NaN or Inf: training diverged or nothing was scored)."""
+    loss = res["eval_loss"]
+    assert isinstance(loss, float) and math.isfinite(loss), f"held-out loss is {loss!r}, expected a finite number"
+
+
 def test_wct_recipe_one_process(tiny_setup, tmp_path):
     import wct_alpaca
 
@@ -55,7 +62,7 @@ def test_wct_recipe_one_process(tiny_setup, tmp_path):
     model_dir, data = tiny_setup
     out = tmp_path / "run"
     res = wct_alpaca.main(_args(model_dir, data, out))
-    assert res["eval_loss"] == res["eval_loss"]  # finite, not NaN
+    _assert_finite_loss(res)
     adapter = out / "adapter"
     assert res["adapter_dir"] == str(adapter)
     assert {"adapter_config.json", "adapter_model.safetensors", "wct_manifest.json"} <= {p.name for p in adapter.iterdir()}
@@ -124,7 +131,8 @@ def test_qlora_recipe_trains_lora_over_bitsandbytes_nf4(tiny_setup, tmp_path, mo
     model_dir, data = tiny_setup
     out = tmp_path / "qlora"
     res = qlora_alpaca.main(_args(model_dir, data, out, quant=()))
-    assert res["eval_loss"] == res["eval_loss"] and seen["n"] == len(seen["layers"]) > 0
+    _assert_finite_loss(res)
+    assert seen["n"] == len(seen["layers"]) > 0
     adapter = Path(res["adapter_dir"])
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 16
@@ -146,7 +154,7 @@ def test_lora_over_bof4_recipe_trains_lora_over_quantlinear(tiny_setup, tmp_path
     model_dir, data = tiny_setup
     out = tmp_path / "lora-bof4"
     res = lora_over_bof4.main(_args(model_dir, data, out, quant=("--block_size", "32")))
-    assert res["eval_loss"] == res["eval_loss"]
+    _assert_finite_loss(res)
     adapter = Path(res["adapter_dir"])
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA"

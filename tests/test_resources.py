@@ -10,14 +10,16 @@ import torch
 from conftest import make_tiny_llama, make_tiny_opt
 
 from wct import resources
+from wct.actquant import ActQuantConfig, quantize_activations
 from wct.formats import get_format
 from wct.integrations.transformers import WCTCheckpointError, load_quantized, save_pretrained
 from wct.nn import QuantLinear
 from wct.nn.model_utils import NonFiniteError
-from wct.quantize import QuantConfig, quantize_model
-from wct.quantize import engine as engine_mod
+from wct.quantize import QuantConfig
+from wct.quantize import blockwise as blockwise_mod
+from wct.quantize import gwq as gwq_mod
+from wct.quantize import quantize_modules as quantize_model
 from wct.quantize.gptq import GPTQ
-from wct.quantize.outliertune import ActQuantConfig, quantize_activations
 
 CALIB = torch.randint(8, 128, (16, 32), generator=torch.Generator().manual_seed(0))  # token 7 never occurs
 
@@ -75,8 +77,8 @@ def test_low_memory_fails_before_any_work(monkeypatch, method):
     def never(*a, **k):
         raise AssertionError("the memory check should have failed before this")
 
-    monkeypatch.setattr(engine_mod, "capture_block_inputs", never)
-    monkeypatch.setattr(engine_mod, "gradient_scores", never)
+    monkeypatch.setattr(blockwise_mod, "capture_block_inputs", never)
+    monkeypatch.setattr(gwq_mod, "gradient_scores", never)
     model = make_tiny_llama()
     with pytest.raises(resources.InsufficientMemoryError) as e:
         quantize_model(model, QuantConfig(method=method, wbits=4), calibration=CALIB, progress=False)

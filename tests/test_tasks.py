@@ -14,8 +14,6 @@ from wct.data import tasks
 from wct.data.tasks import (
     DEFAULT_FAMILIES,
     FAMILIES,
-    evaluate_exact_match,
-    heldout_loss,
     is_correct,
     make_tasks,
     normalize_answer,
@@ -24,6 +22,7 @@ from wct.data.tasks import (
     train_heldout_split,
     write_jsonl,
 )
+from wct.eval.tasks import evaluate_exact_match, heldout_loss
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

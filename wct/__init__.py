@@ -28,6 +28,7 @@ def _mount_source_kernels() -> None:
 
 _mount_source_kernels()
 
+from wct.export import export  # noqa: E402  (wct.export(src, format=..., out=...); the package: import wct.export.gptq)
 from wct.formats import QuantizedTensor, get_format  # noqa: E402
 from wct.integrations import (  # noqa: E402  (importing registers quant_method="wct" with transformers)
     attach_quantization,
@@ -54,6 +55,7 @@ __all__ = [
     "__version__",
     "attach_quantization",
     "create_weak_columns",
+    "export",
     "get_format",
     "load_adapter",
     "load_quantized",

@@ -1,8 +1,9 @@
-"""``wct`` console script: quantize, evaluate and inspect packed models.
+"""``wct`` console script: quantize, evaluate, inspect and export packed models.
 
     wct quantize --model M --method owq --wbits 3 --target-bits 3.01 --calib valid.txt --out DIR
     wct eval ppl --model DIR --data test.txt
     wct inspect DIR
+    wct export DIR --format {gptq,gguf,dense} --out OUT
 
 ``--model`` takes a hub id, a local path, or nothing / ``default`` for the
 embedded SmolLM2-135M-Instruct.  ``quantize`` checks its arguments (method
@@ -53,30 +54,13 @@ def load_any(name_or_path: str | None):
 
 
 def _add_quantize(sub) -> None:
+    from wct.quantize.options import add_quant_arguments
+
     p = sub.add_parser("quantize", help="quantize a model into packed storage and save it")
     p.add_argument("--model", default=None, help="hub id or local path (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--method", required=True, choices=METHOD_CHOICES + ("outliertune",))
-    p.add_argument("--wbits", type=int, default=4, help="integer bit width for rtn/gptq/owq/gwq (2, 3, 4, 8)")
+    # every QuantConfig option, with its help text, from the one definition (wct.quantize.config)
+    add_quant_arguments(p, required=("method",), choices_extra={"method": ("outliertune",)})
     p.add_argument("--abits", type=int, default=8, help="activation bits (outliertune)")
-    p.add_argument("--target-bits", type=float, default=None,
-                   help="owq only: average bits per weight incl. the 16-bit weak columns, above --wbits (e.g. 3.01, "
-                        "3.1). Default for owq: wbits + 0.01 (3.01 / 4.01, the OWQ paper's settings). Not used by "
-                        "the other methods")
-    p.add_argument("--group-size", type=int, default=None, help="integer group size (default: per output channel)")
-    p.add_argument("--sym", action="store_true", help="symmetric integer grid")
-    p.add_argument("--block-size", type=int, default=64, help="codebook block size")
-    p.add_argument("--double-quant", action="store_true", help="8-bit quantization of codebook block scales")
-    p.add_argument("--opq", action="store_true", help="keep OPQ magnitude outliers in 16-bit (codebook formats)")
-    p.add_argument("--opq-quantile", type=float, default=0.95)
-    p.add_argument("--outlier-ratio", type=float, default=0.01, help="GWQ fraction of weights kept in 16-bit")
-    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
-                   help="GPTQ/OWQ/GWQ: quantize columns in activation order (default on; --no-act-order for the "
-                        "original column order)")
-    p.add_argument("--true-sequential", action="store_true")
-    p.add_argument("--percdamp", type=float, default=0.01)
-    p.add_argument("--range-search", choices=("minmax", "mse", "grid"), default=None,
-                   help="scale/zero tuning: minmax, mse (GPTQ's shrink search) or grid (OWQ's width x zero-point "
-                        "search); default: grid for owq, minmax otherwise")
     p.add_argument("--calib", default=None, help="calibration text/JSON/JSONL file or dataset name (calibrated methods)")
     p.add_argument("--n-samples", type=int, default=128)
     p.add_argument("--seq-len", type=int, default=512)
@@ -108,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quantize(sub)
     _add_eval(sub)
     _add_inspect(sub)
+    from wct.export.cli import add_export_parser
+
+    add_export_parser(sub)
     return parser
 
 
@@ -178,24 +165,19 @@ def _check_quantize_args(args):
         if err:
             return None, err
     if args.method == "outliertune":
-        from wct.quantize.outliertune import ActQuantConfig
+        from wct.actquant import ActQuantConfig
 
         cfg = ActQuantConfig(method="outliertune", wbits=args.wbits, abits=args.abits)
         calibrated = True
     else:
-        from wct.quantize import QuantConfig
+        from wct.quantize.options import config_from_namespace
 
         target_bits = args.target_bits
         if args.method == "owq" and target_bits is None and args.wbits in (2, 3, 4, 8):
             target_bits = round(args.wbits + OWQ_DEFAULT_EXTRA_BITS, 2)
             print(f"owq: --target-bits not given, using {target_bits} (wbits + {OWQ_DEFAULT_EXTRA_BITS}, the OWQ "
                   f"paper's 3.01/4.01 convention); pass --target-bits to choose", file=sys.stderr)
-        cfg = QuantConfig(
-            method=args.method, wbits=args.wbits, group_size=args.group_size, sym=args.sym, block_size=args.block_size,
-            double_quant=args.double_quant, target_bits=target_bits, outlier_ratio=args.outlier_ratio, opq=args.opq,
-            opq_quantile=args.opq_quantile, percdamp=args.percdamp, act_order=args.act_order,
-            true_sequential=args.true_sequential, range_search=args.range_search,
-        )
+        cfg = config_from_namespace(args, target_bits=target_bits)
         calibrated = cfg.calibrated
     if calibrated:
         if not args.calib:
@@ -303,6 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     import wct  # noqa: F401  (registers the transformers quantizer and the PEFT method)
 
     try:
+        if args.command == "export":
+            from wct.export.cli import cmd_export
+
+            return cmd_export(args)
         return {"quantize": cmd_quantize, "eval": cmd_eval, "inspect": cmd_inspect}[args.command](args)
     except (ValueError, OSError) as e:  # OSError: FileNotFoundError, FileExistsError, hub unreachable ...
         print(f"error: {e}", file=sys.stderr)

@@ -1,9 +1,9 @@
-"""``wct.kernels``: the quantized-matmul autograd function and its backends.
+"""``wct.kernels``: the quantized-matmul custom op (``torch.ops.wct.quant_linear``) and its backends.
 
 Math floor: sees packed tensors and activations, nothing about PEFT or solvers.
 """
 
-from .autograd import QuantLinearFunction, quant_linear
+from .autograd import layout_of, quant_linear, quant_linear_raw
 from .spec import PackedWeight
 
-__all__ = ["PackedWeight", "QuantLinearFunction", "quant_linear"]
+__all__ = ["PackedWeight", "layout_of", "quant_linear", "quant_linear_raw"]

@@ -1,19 +1,36 @@
-"""The one autograd function behind every quantized matmul.
+"""The one custom op behind every quantized matmul: ``torch.ops.wct.quant_linear``.
 
-``y = x @ deq(W_base).T  (+ x[..., idx] @ W_cols.T)  (+ sparse part)  (+ b)``
+``y = x @ deq(W_base).T  (+ x[..., idx] @ W_cols.T)  (+ sparse part)``  (bias added outside, in aten)
 
-Gradients flow to the input and to the outlier values only; the packed base is
-frozen.  Backward recomputes dequantized tiles instead of saving a dense weight:
-the only tensors saved for backward are the input (or just its weak columns)
-and the outlier values.
+Why a ``torch.library`` custom op and not a plain ``autograd.Function``: ``torch.compile`` cannot
+trace into the kernels (Python loops over tiles, data-dependent index building, Triton launches)
+and broke the graph at every layer (52 breaks in a 2-layer Llama, ``fullgraph=True`` failed).  An
+op with a fake (meta) implementation is one opaque node the compiler keeps in the graph: it only
+needs the output's shape and dtype, which the fake functions below give without touching data.
+
+Gradients flow to the input and to the outlier values only; the packed base is frozen.  Backward
+recomputes dequantized tiles (``grad_x = grad_y @ W``, its own op) instead of saving a dense
+weight: the only activations saved are the input's weak columns (or the whole input when the
+sparse outliers train) -- exactly what the former ``autograd.Function`` saved.
+
+The packed weight crosses the op boundary as its raw buffers plus a ``layout`` string (the
+format's ``to_dict()``, buffer names, shapes; built once per layer by :func:`layout_of`), because
+custom ops take tensors and primitives only.  Index vectors derived from the raw buffers (the kept
+columns, the row of each sparse value) have data-dependent sizes, so they are built *inside* the
+op, where the compiler never sees them.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
+from typing import Optional
 
 import torch
+
+from wct.formats import QuantizedTensor, get_format
+from wct.outliers import keep_index
 
 from . import torch_backend
 from .spec import PackedWeight
@@ -46,42 +63,146 @@ def _backend(x: torch.Tensor):
     return torch_backend
 
 
-class QuantLinearFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, col_values, sparse_values, bias, packed: PackedWeight):
-        x2d = x.reshape(-1, x.shape[-1])
-        be = _backend(x)
-        y = be.forward(packed, x2d, col_values, sparse_values)
-        if bias is not None:
-            y = y + bias.to(y.dtype)
-        ctx.packed = packed
-        ctx.x_shape = x.shape
-        need_cols = col_values is not None and col_values.requires_grad
-        need_sparse = sparse_values is not None and sparse_values.requires_grad
-        saved_x = x2d if need_sparse else (x2d[:, packed.col_idx] if need_cols else None)
-        ctx.save_for_backward(saved_x, col_values, sparse_values)
-        ctx.need = (need_cols, need_sparse, bias is not None and bias.requires_grad)
-        return y.reshape(*x.shape[:-1], packed.out_features)
+# --------------------------------------------------------------------------- layout <-> PackedWeight
+def layout_of(qweight: QuantizedTensor, in_features: int, out_features: int) -> str:
+    """The op's description of a packed base: format, buffer names (in the order passed) and shapes."""
+    return json.dumps({"format": qweight.format.to_dict(), "names": list(qweight.data), "shape": list(qweight.shape),
+                       "in": in_features, "out": out_features}, sort_keys=True)
 
-    @staticmethod
-    def backward(ctx, grad_y):
-        saved_x, col_values, sparse_values = ctx.saved_tensors
-        packed: PackedWeight = ctx.packed
-        need_cols, need_sparse, need_bias = ctx.need
-        gy = grad_y.reshape(-1, packed.out_features)
-        be = _backend(gy)
-        gx = gc = gs = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = be.grad_input(packed, gy, col_values, sparse_values)
-            gx = gx.reshape(ctx.x_shape)
-        if need_cols:
-            xc = saved_x[:, packed.col_idx] if need_sparse else saved_x
-            gc = (gy.t() @ xc.to(gy.dtype)).to(col_values.dtype)
-        if need_sparse:
-            gs = be.grad_sparse_values(packed, gy, saved_x.to(gy.dtype)).to(sparse_values.dtype)
-        if need_bias:
-            gb = gy.sum(0)
-        return gx, gc, gs, gb, None
+
+@functools.lru_cache(maxsize=None)
+def _parse_layout(layout: str):
+    d = json.loads(layout)
+    return get_format(**d["format"]), tuple(d["names"]), tuple(d["shape"]), int(d["in"]), int(d["out"])
+
+
+def _packed(base: list[torch.Tensor], layout: str, col_idx: Optional[torch.Tensor],
+            sp_rowptr: Optional[torch.Tensor], sp_cols: Optional[torch.Tensor]) -> PackedWeight:
+    """Rebuild the backends' :class:`PackedWeight` (with derived index vectors) from the op's inputs."""
+    fmt, names, shape, n_in, n_out = _parse_layout(layout)
+    if len(base) != len(names):
+        raise ValueError(f"layout names {len(names)} packed buffers {names}, got {len(base)} tensors")
+    pw = PackedWeight(QuantizedTensor(fmt, shape, dict(zip(names, base))), n_in, n_out)
+    if col_idx is not None:
+        pw.col_idx = col_idx.long()
+        pw.keep = keep_index(n_in, col_idx)
+    if sp_rowptr is not None:
+        pw.sparse_rowptr = sp_rowptr.long()
+        pw.sparse_rows = _rows(pw.sparse_rowptr, n_out)
+        pw.sparse_cols = sp_cols.long()
+    return pw
+
+
+def _rows(rowptr: torch.Tensor, n_out: int) -> torch.Tensor:
+    """Row of every sparse value, expanded from the CSR row pointer."""
+    return torch.repeat_interleave(torch.arange(n_out, device=rowptr.device), rowptr[1:] - rowptr[:-1])
+
+
+def _out_features(layout: str) -> int:
+    return _parse_layout(layout)[4]
+
+
+def _in_features(layout: str) -> int:
+    return _parse_layout(layout)[3]
+
+
+# --------------------------------------------------------------------------- the ops
+@torch.library.custom_op("wct::quant_linear", mutates_args=())
+def _quant_linear_op(
+    x: torch.Tensor, base: list[torch.Tensor], layout: str, col_idx: Optional[torch.Tensor],
+    col_values: Optional[torch.Tensor], sp_rowptr: Optional[torch.Tensor], sp_cols: Optional[torch.Tensor],
+    sparse_values: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """``x [..., in] -> [..., out]`` in ``x``'s dtype (no bias)."""
+    packed = _packed(base, layout, col_idx, sp_rowptr, sp_cols)
+    y = _backend(x).forward(packed, x.reshape(-1, x.shape[-1]), col_values, sparse_values)
+    return y.reshape(*x.shape[:-1], packed.out_features)
+
+
+@_quant_linear_op.register_fake
+def _(x, base, layout, col_idx, col_values, sp_rowptr, sp_cols, sparse_values):
+    return x.new_empty(*x.shape[:-1], _out_features(layout))
+
+
+@torch.library.custom_op("wct::quant_linear_grad_input", mutates_args=())
+def _grad_input_op(
+    gy: torch.Tensor, base: list[torch.Tensor], layout: str, col_idx: Optional[torch.Tensor],
+    col_values: Optional[torch.Tensor], sp_rowptr: Optional[torch.Tensor], sp_cols: Optional[torch.Tensor],
+    sparse_values: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """``grad_x = grad_y @ W``: ``[tokens, out] -> [tokens, in]`` in ``gy``'s dtype."""
+    packed = _packed(base, layout, col_idx, sp_rowptr, sp_cols)
+    return _backend(gy).grad_input(packed, gy, col_values, sparse_values)
+
+
+@_grad_input_op.register_fake
+def _(gy, base, layout, col_idx, col_values, sp_rowptr, sp_cols, sparse_values):
+    return gy.new_empty(gy.shape[0], _in_features(layout))
+
+
+@torch.library.custom_op("wct::quant_linear_grad_sparse", mutates_args=())
+def _grad_sparse_op(gy: torch.Tensor, x: torch.Tensor, layout: str, sp_rowptr: torch.Tensor,
+                    sp_cols: torch.Tensor) -> torch.Tensor:
+    """``dL/dv_e = sum_t gy[t, row_e] * x[t, col_e]`` for every sparse outlier ``e``: ``[nnz]``."""
+    n_out = _out_features(layout)
+    rowptr = sp_rowptr.long()
+    packed = PackedWeight(None, _in_features(layout), n_out, sparse_rowptr=rowptr, sparse_rows=_rows(rowptr, n_out),
+                          sparse_cols=sp_cols.long())  # the sparse structure is all this product reads
+    return _backend(gy).grad_sparse_values(packed, gy, x)
+
+
+@_grad_sparse_op.register_fake
+def _(gy, x, layout, sp_rowptr, sp_cols):
+    return gy.new_empty(sp_cols.shape[0])
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    """Save what backward needs: the frozen buffers, the outlier values, and of the input only the
+    weak columns, or all of it when the sparse values train (their gradient reads any column)."""
+    x, base, layout, col_idx, col_values, sp_rowptr, sp_cols, sparse_values = inputs
+    # (ctx.needs_input_grad is indexed by the *flattened* inputs, ``base`` expanded: ask the tensors)
+    need_x, need_cols, need_sparse = (t is not None and t.requires_grad for t in (x, col_values, sparse_values))
+    x2d = x.reshape(-1, x.shape[-1])
+    saved_x = x2d if need_sparse else (x2d[:, col_idx.long()] if need_cols else None)
+    ctx.layout, ctx.n_base, ctx.x_shape = layout, len(base), x.shape
+    ctx.need = (need_x, need_cols, need_sparse)
+    ctx.save_for_backward(saved_x, col_idx, col_values, sp_rowptr, sp_cols, sparse_values, *base)
+
+
+def _backward(ctx, grad_y):
+    saved_x, col_idx, col_values, sp_rowptr, sp_cols, sparse_values, *base = ctx.saved_tensors
+    need_x, need_cols, need_sparse = ctx.need
+    gy = grad_y.reshape(-1, grad_y.shape[-1])
+    gx = gc = gs = None
+    if need_x:
+        gx = _grad_input_op(gy, base, ctx.layout, col_idx, col_values, sp_rowptr, sp_cols, sparse_values)
+        gx = gx.reshape(ctx.x_shape)
+    if need_cols:
+        xc = saved_x[:, col_idx.long()] if need_sparse else saved_x
+        gc = (gy.t() @ xc.to(gy.dtype)).to(col_values.dtype)
+    if need_sparse:
+        gs = _grad_sparse_op(gy, saved_x.to(gy.dtype), ctx.layout, sp_rowptr, sp_cols).to(sparse_values.dtype)
+    return gx, [None] * ctx.n_base, None, None, gc, None, None, gs
+
+
+torch.library.register_autograd("wct::quant_linear", _backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- public entry points
+def quant_linear_raw(
+    x: torch.Tensor,
+    base: list[torch.Tensor],
+    layout: str,
+    col_idx: Optional[torch.Tensor] = None,
+    col_values: Optional[torch.Tensor] = None,
+    sp_rowptr: Optional[torch.Tensor] = None,
+    sp_cols: Optional[torch.Tensor] = None,
+    sparse_values: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The op on raw buffers (what ``QuantLinear.forward`` calls: nothing data-dependent outside it)."""
+    y = _quant_linear_op(x, base, layout, col_idx, col_values, sp_rowptr, sp_cols, sparse_values)
+    return y if bias is None else y + bias.to(y.dtype)
 
 
 def quant_linear(
@@ -98,4 +219,6 @@ def quant_linear(
         raise ValueError("this weight has weak columns: pass their values as col_values")
     if packed.sparse_rows is not None and sparse_values is None:
         raise ValueError("this weight has sparse outliers: pass their values as sparse_values")
-    return QuantLinearFunction.apply(x, col_values, sparse_values, bias, packed)
+    layout = layout_of(packed.qweight, packed.in_features, packed.out_features)
+    return quant_linear_raw(x, list(packed.qweight.data.values()), layout, packed.col_idx, col_values,
+                            packed.sparse_rowptr, packed.sparse_cols, sparse_values, bias)

@@ -1,5 +1,6 @@
-"""Evaluation: perplexity in the GPTQ convention."""
+"""Evaluation: perplexity in the GPTQ convention, and scores on the built-in verifiable tasks."""
 
 from .perplexity import perplexity
+from .tasks import evaluate_exact_match, heldout_loss
 
-__all__ = ["perplexity"]
+__all__ = ["evaluate_exact_match", "heldout_loss", "perplexity"]

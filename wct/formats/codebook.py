@@ -1,4 +1,4 @@
-"""4-bit block-wise codebooks: NF4, AF4, BOF4 and BOF4-S.
+"""4-bit block-wise codebooks: NF4, AF4, BOF4 and BOF4-S — what each is, how it is built, looked up and measured.
 
 Block-wise 4-bit codebook quantisation splits a flattened weight tensor into
 blocks of ``B`` values, divides each block by a per-block scale and stores, for
@@ -24,7 +24,9 @@ values for the actual distribution, and BOF4 (Blumenberg, Graave, Fingscheidt
 maximum matter more.  That is why the BOF4 Lloyd centroids weight every
 normalised sample by ``M**2`` (MSE) or ``M`` (MAE, weighted median).
 
-Two interchangeable ways to run Lloyd's algorithm are provided:
+Two interchangeable ways to run Lloyd's algorithm are provided (the machinery
+lives in :mod:`wct.formats.lloyd`; this module picks the fixed levels, the start
+and the weighting of each codebook):
 
 * ``method="theory"``: expectations over the exact joint law of (M, x) with a
   Gauss-Legendre rule in ``m``; the integrals over ``x`` inside a decision
@@ -34,44 +36,56 @@ Two interchangeable ways to run Lloyd's algorithm are provided:
   samples are sorted once; every cell is then a contiguous slice, so each
   iteration costs a handful of ``searchsorted`` calls on prefix sums.
 
-The cached table ``data/codebooks.json`` is produced by the theory form
-(``python -m wct.formats.codebook --regenerate``).
+The cached table ``data/codebooks.json`` is the theory form's output,
+:func:`build_cache`.  Writing it is not the library's job: ``make codebooks``
+(``scripts/regenerate_codebooks.py``) writes it atomically with the project's
+one single-file writer, which the storage floor must not import.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import functools
 import json
 import math
 import operator
-import os
 import sys
-import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import scipy
 import torch
 from scipy import special
 
+from .lloyd import (
+    M_NODES_PER_PANEL,
+    M_PANELS,
+    CentroidFn,
+    LloydResult,
+    SampleCentroids,
+    TheoryCentroids,
+    lloyd,
+    max_law,
+    normalise,
+    sample_blocks,
+    theory_error,
+)
+
 __all__ = [
     "NF4_LEVELS",
     "NAMES",
     "NORMS",
     "CRITERIA",
-    "METHODS",
+    "LLOYD_FORMS",
     "CACHE_PATH",
     "nf4_construction",
     "af4_levels",
     "optimize_codebook",
     "codebook_error",
     "get_codebook",
-    "regenerate_cache",
+    "build_cache",
+    "reload_cache",
 ]
 
 # --------------------------------------------------------------------------
@@ -109,7 +123,9 @@ NF4_LEVELS: torch.Tensor = torch.tensor(
 NAMES: tuple[str, ...] = ("nf4", "af4", "bof4", "bof4s")
 NORMS: tuple[str, ...] = ("absmax", "signed")
 CRITERIA: tuple[str, ...] = ("mse", "mae")
-METHODS: tuple[str, ...] = ("sampling", "theory")
+#: The two ways to run Lloyd (``method=`` of the optimiser and of ``codebook_error``); not to be confused with
+#: the quantization methods of ``wct.quantize`` (``QuantConfig.method``).
+LLOYD_FORMS: tuple[str, ...] = ("sampling", "theory")
 
 #: Block sizes stored in the cache file.
 CACHED_BLOCK_SIZES: tuple[int, ...] = (32, 64, 128, 256)
@@ -131,14 +147,6 @@ _DEFAULT_TOL = 1e-12
 _DEFAULT_SAMPLES = 2**22
 # Weights generated per chunk when measuring errors (bounds peak memory).
 _CHUNK_WEIGHTS = 2**20
-
-# Composite Gauss-Legendre rule for the block maximum M, laid over the part of
-# [0, _M_MAX] where f_M is not negligible (P(M > 12) < 1e-30 for any practical
-# B).  f_M is smooth with a width of ~0.3; 32 panels of 12 nodes over a range
-# of ~4-6 agree with 4x as many nodes to ~1e-13 on the levels.
-_M_MAX = 12.0
-_M_PANELS = 32
-_M_NODES_PER_PANEL = 12
 
 
 # --------------------------------------------------------------------------
@@ -217,53 +225,8 @@ def nf4_construction(offset: float = _NF4_OFFSET) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------
-# Lloyd's algorithm, shared by both forms
+# Lloyd set-up shared by every optimised codebook
 # --------------------------------------------------------------------------
-
-# A centroid oracle: given the lower and upper edges of some decision cells
-# (arrays [k]) and the current levels of those cells (used for empty cells),
-# return the new levels [k].
-CentroidFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
-
-
-@dataclass(frozen=True)
-class LloydResult:
-    """Outcome of one Lloyd run (levels float64 [n], ascending)."""
-
-    levels: np.ndarray
-    iterations: int
-    last_step: float
-    converged: bool
-
-
-def _lloyd(
-    levels0: np.ndarray,
-    free: np.ndarray,
-    lo: float,
-    hi: float,
-    centroids: CentroidFn,
-    max_iter: int,
-    tol: float,
-) -> LloydResult:
-    """Lloyd iterations with nearest-neighbour cells and frozen fixed levels.
-
-    ``levels0`` [n] ascending; ``free`` bool [n].  Cell edges are midpoints
-    between neighbours, the outermost edges are ``lo`` and ``hi``.  Only free
-    levels move; fixed ones (e.g. -1, 0, +1) still shape their neighbours'
-    cells, which is exactly what nearest-level rounding does at run time.
-    """
-    levels = levels0.astype(np.float64).copy()
-    step = math.inf
-    iterations = 0
-    while iterations < max_iter:
-        iterations += 1
-        edges = np.concatenate([[lo], 0.5 * (levels[1:] + levels[:-1]), [hi]])
-        new = centroids(edges[:-1][free], edges[1:][free], levels[free])
-        step = float(np.max(np.abs(new - levels[free]))) if new.size else 0.0
-        levels[free] = new
-        if step <= tol:
-            break
-    return LloydResult(levels=levels, iterations=iterations, last_step=step, converged=step <= tol)
 
 
 def _initial_levels() -> np.ndarray:
@@ -287,204 +250,12 @@ def _weight_power(criterion: str) -> int:
 
 
 # --------------------------------------------------------------------------
-# Theory form: exact law of (M, x)
-# --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _MaxLaw:
-    """Quadrature for the block maximum M = max_i |w_i| of B i.i.d. N(0, 1).
-
-    ``m`` [K] nodes, ``density`` [K] = quadrature weight * f_M(m) (sums to ~1),
-    ``kernel`` [K] = quadrature weight * f_M(m) / (2 Phi(m) - 1).
-
-    Given M = m, each of the other B-1 values, normalised, has density
-    m phi(m x) / (2 Phi(m) - 1) on (-1, 1); so the joint density of (M, x) of a
-    non-max value is ``kernel(m) * m phi(m x)`` and cell integrals over x are
-    closed-form in Phi and phi.
-    """
-
-    block_size: int
-    m: np.ndarray
-    density: np.ndarray
-    kernel: np.ndarray
-    m_range: tuple[float, float]
-
-
-def _log_max_terms(m: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """log f_M(m) and log f_M(m) / (2 Phi(m) - 1), computed in logs because
-    (2 Phi(m) - 1)^(B-1) underflows for small m and large B."""
-    p = special.erf(m / math.sqrt(2.0))  # 2 Phi(m) - 1 = P(|w| < m)
-    base = math.log(2.0 * block_size) - 0.5 * m * m - 0.5 * math.log(2.0 * math.pi)
-    return base + special.xlogy(block_size - 1, p), base + special.xlogy(block_size - 2, p)
-
-
-@functools.lru_cache(maxsize=64)
-def _max_law(block_size: int) -> _MaxLaw:
-    b = block_size
-    # Integrate only where the integrand can matter: the M**2-weighted density
-    # above 1e-26 of its peak.  The support of f_M moves with B (peak near
-    # sqrt(2 ln 2B), width ~0.3), so a fixed range would waste most nodes.
-    probe = np.linspace(1e-6, _M_MAX, 24_001)
-    log_f, _ = _log_max_terms(probe, b)
-    score = log_f + 2.0 * np.log(np.maximum(probe, 1.0))
-    inside = probe[score > score.max() - 60.0]
-    lo = max(0.0, float(inside[0]) - 0.05)
-    hi = min(_M_MAX, float(inside[-1]) + 0.05)
-    nodes, weights = np.polynomial.legendre.leggauss(_M_NODES_PER_PANEL)
-    edges = np.linspace(lo, hi, _M_PANELS + 1)
-    half = 0.5 * np.diff(edges)
-    mid = 0.5 * (edges[1:] + edges[:-1])
-    m = (mid[:, None] + half[:, None] * nodes[None, :]).ravel()  # [K]
-    qw = (half[:, None] * weights[None, :]).ravel()  # [K]
-    log_f, log_k = _log_max_terms(m, b)
-    return _MaxLaw(b, m, qw * np.exp(log_f), qw * np.exp(log_k), (lo, hi))
-
-
-def _cell_moments(law: _MaxLaw, a: np.ndarray, b: np.ndarray, power: int) -> tuple[np.ndarray, ...]:
-    """E-integrals of M**power * x**r over cells [a, b] for r = 0, 1, 2.
-
-    Returns three arrays [k] (continuous part only, i.e. before the (B-1)/B
-    factor).  With u = m x:  int m phi(mx) dx = Phi(mb) - Phi(ma);
-    int x m phi(mx) dx = (phi(ma) - phi(mb)) / m;
-    int x^2 m phi(mx) dx = (Phi(mb) - Phi(ma)) / m^2 - (b phi(mb) - a phi(ma)) / m.
-    """
-    m = law.m[:, None]  # [K, 1]
-    ma, mb = m * a[None, :], m * b[None, :]  # [K, k]
-    cdf_a, cdf_b = special.ndtr(ma), special.ndtr(mb)
-    pdf_a = np.exp(-0.5 * ma * ma) / math.sqrt(2.0 * math.pi)
-    pdf_b = np.exp(-0.5 * mb * mb) / math.sqrt(2.0 * math.pi)
-    w = (law.kernel * law.m**power)[:, None]  # [K, 1]
-    i0 = cdf_b - cdf_a
-    i1 = (pdf_a - pdf_b) / m
-    i2 = i0 / (m * m) - (b[None, :] * pdf_b - a[None, :] * pdf_a) / m
-    return (w * i0).sum(0), (w * i1).sum(0), (w * i2).sum(0)
-
-
-class _TheoryCentroids:
-    """Lloyd centroid oracle for the exact law (``power`` = weight exponent of M)."""
-
-    def __init__(self, law: _MaxLaw, power: int, criterion: str) -> None:
-        self.law = law
-        self.power = power
-        self.criterion = criterion
-        self._w = law.kernel * law.m**power  # [K]
-        if criterion == "mae":
-            # A fine table of the weighted CDF gives a starting point for the
-            # Newton solves of the medians (monotone, so np.interp inverts it).
-            self._grid = np.linspace(-1.0, 1.0, 4001)
-            self._cdf_grid = self._cdf(self._grid)
-
-    def _cdf(self, x: np.ndarray) -> np.ndarray:
-        """Weighted CDF G(x) = sum_k w_k Phi(m_k x) (up to a constant)."""
-        return special.ndtr(np.multiply.outer(x, self.law.m)) @ self._w
-
-    def _pdf(self, x: np.ndarray) -> np.ndarray:
-        mx = np.multiply.outer(x, self.law.m)
-        return (np.exp(-0.5 * mx * mx) / math.sqrt(2.0 * math.pi)) @ (self._w * self.law.m)
-
-    def __call__(self, a: np.ndarray, b: np.ndarray, current: np.ndarray) -> np.ndarray:
-        if self.criterion == "mse":
-            i0, i1, _ = _cell_moments(self.law, a, b, self.power)
-            return np.where(i0 > 0, i1 / np.where(i0 > 0, i0, 1.0), current)
-        # MAE: weighted median c with G(c) = (G(a) + G(b)) / 2.
-        ga, gb = self._cdf(a), self._cdf(b)
-        target = 0.5 * (ga + gb)
-        c = np.interp(target, self._cdf_grid, self._grid)
-        c = np.clip(c, a, b)
-        for _ in range(4):  # Newton polish, safeguarded to the cell
-            g = self._pdf(c)
-            c = np.clip(c - (self._cdf(c) - target) / np.where(g > 0, g, np.inf), a, b)
-        return c
-
-
-def _theory_error(levels: np.ndarray, block_size: int, norm: str, criterion: str) -> float:
-    """Exact per-weight MSE or MAE of a codebook on N(0, 1) weights.
-
-    Continuous part: sum over nearest-level cells of closed-form x-integrals;
-    block maxima (fraction 1/B of the weights) sit at +1 (signed) or at +-1
-    with equal odds (absmax) and cost M**p * |1 - q(1)|**r.
-    """
-    law = _max_law(block_size)
-    edges = np.concatenate([[-1.0], 0.5 * (levels[1:] + levels[:-1]), [1.0]])
-    a, b, c = edges[:-1], edges[1:], levels
-    if criterion == "mse":
-        i0, i1, i2 = _cell_moments(law, a, b, 2)
-        cont = float(np.sum(i2 - 2.0 * c * i1 + c * c * i0))
-        mom = float(np.sum(law.density * law.m**2))
-    else:
-        # |x - c| over [a, b]: split at c (clipped into the cell).
-        cc = np.clip(c, a, b)
-        l0, l1, _ = _cell_moments(law, a, cc, 1)
-        r0, r1, _ = _cell_moments(law, cc, b, 1)
-        cont = float(np.sum(c * l0 - l1 + r1 - c * r0))
-        mom = float(np.sum(law.density * law.m))
-    r = 2 if criterion == "mse" else 1
-    q_hi = levels[np.argmin(np.abs(levels - 1.0))]
-    q_lo = levels[np.argmin(np.abs(levels + 1.0))]
-    if norm == "absmax":
-        max_err = 0.5 * (abs(1.0 - q_hi) ** r + abs(-1.0 - q_lo) ** r)
-    else:
-        max_err = abs(1.0 - q_hi) ** r
-    bsz = block_size
-    return (bsz - 1) / bsz * cont + mom * max_err / bsz
-
-
-# --------------------------------------------------------------------------
-# Sampling form
+# Sampling defaults
 # --------------------------------------------------------------------------
 
 
 def _default_blocks(block_size: int) -> int:
     return max(1, _DEFAULT_SAMPLES // block_size)
-
-
-def _normalise(w: np.ndarray, norm: str) -> tuple[np.ndarray, np.ndarray]:
-    """Blocks w [n, B] -> (normalised x [n, B], scale [n, 1]).
-
-    absmax: scale = max |w| > 0; signed: scale = the largest-magnitude value
-    itself, so that value becomes exactly +1.0 (w / w is exact in IEEE).
-    """
-    idx = np.argmax(np.abs(w), axis=1)[:, None]  # [n, 1]
-    peak = np.take_along_axis(w, idx, axis=1)  # [n, 1]
-    scale = np.abs(peak) if norm == "absmax" else peak
-    return w / scale, scale
-
-
-class _SampleCentroids:
-    """Lloyd centroid oracle over a fixed sample of normalised weights.
-
-    Samples are sorted once; with prefix sums of the weights m**p and of
-    m**p * x every cell's weighted mean or weighted median is O(log N).
-    """
-
-    def __init__(self, x: np.ndarray, scale_abs: np.ndarray, power: int, criterion: str) -> None:
-        order = np.argsort(x)  # ties (only at exactly +-1 or 0) do not matter
-        self.x = x[order]
-        wt = scale_abs[order] ** power
-        self.cw = np.concatenate([[0.0], np.cumsum(wt)])
-        self.cwx = np.concatenate([[0.0], np.cumsum(wt * self.x)])
-        self.criterion = criterion
-
-    def __call__(self, a: np.ndarray, b: np.ndarray, current: np.ndarray) -> np.ndarray:
-        i0 = np.searchsorted(self.x, a, side="left")
-        i1 = np.searchsorted(self.x, b, side="left")
-        # The last cell must include samples equal to its upper edge (x == 1).
-        i1 = np.where(b >= self.x[-1], self.x.size, i1)
-        mass = self.cw[i1] - self.cw[i0]
-        empty = mass <= 0
-        if self.criterion == "mse":
-            cen = (self.cwx[i1] - self.cwx[i0]) / np.where(empty, 1.0, mass)
-        else:
-            target = self.cw[i0] + 0.5 * mass
-            j = np.searchsorted(self.cw, target, side="left")  # cw[j] >= target
-            j = np.clip(j, i0 + 1, np.maximum(i1, i0 + 1))
-            cen = self.x[np.minimum(j - 1, self.x.size - 1)]
-        return np.where(empty, current, cen)
-
-
-def _sample_blocks(rng: np.random.Generator, n_blocks: int, block_size: int) -> np.ndarray:
-    return rng.standard_normal((n_blocks, block_size))
 
 
 # --------------------------------------------------------------------------
@@ -506,15 +277,15 @@ def _optimize(
     free = _free_mask(start, norm)
     power = _weight_power(criterion)
     if method == "theory":
-        oracle: CentroidFn = _TheoryCentroids(_max_law(block_size), power, criterion)
+        oracle: CentroidFn = TheoryCentroids(max_law(block_size), power, criterion)
     else:
         nb = _default_blocks(block_size) if n_blocks is None else n_blocks
-        w = _sample_blocks(np.random.default_rng(seed), nb, block_size)
-        x, scale = _normalise(w, norm)
+        w = sample_blocks(np.random.default_rng(seed), nb, block_size)
+        x, scale = normalise(w, norm)
         del w
         abs_scale = np.broadcast_to(np.abs(scale), x.shape).ravel()
-        oracle = _SampleCentroids(x.ravel(), abs_scale, power, criterion)
-    return _lloyd(start, free, -1.0, 1.0, oracle, max_iter, tol)
+        oracle = SampleCentroids(x.ravel(), abs_scale, power, criterion)
+    return lloyd(start, free, -1.0, 1.0, oracle, max_iter, tol)
 
 
 def optimize_codebook(
@@ -545,7 +316,7 @@ def optimize_codebook(
     block_size = _check_block_size(block_size)
     norm = _check_choice(norm, NORMS, "norm")
     criterion = _check_choice(criterion, CRITERIA, "criterion")
-    method = _check_choice(method, METHODS, "method")
+    method = _check_choice(method, LLOYD_FORMS, "method")
     if n_blocks is not None:
         n_blocks = _check_positive_int(n_blocks, "n_blocks")
     max_iter = _check_positive_int(max_iter, "max_iter")
@@ -576,12 +347,12 @@ def _af4_result(
     by Lloyd on the exact law; a k-medians fixed point and the paper's
     shooting method find the same solution.
     """
-    law = _max_law(block_size)
-    oracle = _TheoryCentroids(law, 0, "mae")
+    law = max_law(block_size)
+    oracle = TheoryCentroids(law, 0, "mae")
     nf4 = _initial_levels()
     neg0, pos0 = nf4[:7], nf4[8:]  # [-1, 6 free], [7 free, +1]
-    neg = _lloyd(neg0, neg0 != -1.0, -1.0, 0.0, oracle, max_iter, tol)
-    pos = _lloyd(pos0, pos0 != 1.0, 0.0, 1.0, oracle, max_iter, tol)
+    neg = lloyd(neg0, neg0 != -1.0, -1.0, 0.0, oracle, max_iter, tol)
+    pos = lloyd(pos0, pos0 != 1.0, 0.0, 1.0, oracle, max_iter, tol)
     levels = np.concatenate([neg.levels, [0.0], pos.levels])
     return levels, max(neg.iterations, pos.iterations)
 
@@ -633,9 +404,9 @@ def codebook_error(
     block_size = _check_block_size(block_size)
     norm = _check_choice(norm, NORMS, "norm")
     criterion = _check_choice(criterion, CRITERIA, "criterion")
-    method = _check_choice(method, METHODS, "method")
+    method = _check_choice(method, LLOYD_FORMS, "method")
     if method == "theory":
-        return _theory_error(lv, block_size, norm, criterion)
+        return theory_error(lv, block_size, norm, criterion)
     nb = _default_blocks(block_size) if n_blocks is None else _check_positive_int(n_blocks, "n_blocks")
     mids = 0.5 * (lv[1:] + lv[:-1])
     rng = np.random.default_rng(seed)
@@ -643,8 +414,8 @@ def codebook_error(
     total, done = 0.0, 0
     while done < nb:
         n = min(per_chunk, nb - done)
-        w = _sample_blocks(rng, n, block_size)
-        x, scale = _normalise(w, norm)
+        w = sample_blocks(rng, n, block_size)
+        x, scale = normalise(w, norm)
         err = w - lv[np.searchsorted(mids, x)] * scale
         total += float(np.sum(err * err)) if criterion == "mse" else float(np.sum(np.abs(err)))
         done += n
@@ -675,9 +446,9 @@ def _build_entries(block_sizes: tuple[int, ...] = CACHED_BLOCK_SIZES) -> dict[st
     for b in block_sizes:
         quad = {
             "quadrature": "composite Gauss-Legendre in m over the range where M**2 f_M(m) > exp(-60) * peak",
-            "m_range": [round(v, 6) for v in _max_law(b).m_range],
-            "panels": _M_PANELS,
-            "nodes_per_panel": _M_NODES_PER_PANEL,
+            "m_range": [round(v, 6) for v in max_law(b).m_range],
+            "panels": M_PANELS,
+            "nodes_per_panel": M_NODES_PER_PANEL,
         }
         t0 = time.perf_counter()
         levels, iters = _af4_result(b)
@@ -696,7 +467,7 @@ def _build_entries(block_sizes: tuple[int, ...] = CACHED_BLOCK_SIZES) -> dict[st
                 "iterations": iters,
                 "seconds": round(time.perf_counter() - t0, 3),
             },
-            "theory_error": {c: _theory_error(levels, b, "absmax", c) for c in CRITERIA},
+            "theory_error": {c: theory_error(levels, b, "absmax", c) for c in CRITERIA},
         }
         for name in ("bof4", "bof4s"):
             norm = _bof4_norm(name)
@@ -720,25 +491,28 @@ def _build_entries(block_sizes: tuple[int, ...] = CACHED_BLOCK_SIZES) -> dict[st
                         "converged": res.converged,
                         "seconds": round(time.perf_counter() - t0, 3),
                     },
-                    "theory_error": {c: _theory_error(res.levels, b, norm, c) for c in CRITERIA},
+                    "theory_error": {c: theory_error(res.levels, b, norm, c) for c in CRITERIA},
                 }
     return entries
 
 
-def regenerate_cache(path: Path | str = CACHE_PATH, block_sizes: tuple[int, ...] = CACHED_BLOCK_SIZES) -> dict:
-    """Recompute ``codebooks.json`` and write it atomically (temp file + os.replace).
+#: What ``build_cache`` records as the producer of the file.
+CACHE_GENERATOR = "make codebooks (python scripts/regenerate_codebooks.py)"
 
-    Readers never see a half-written file: the JSON goes to a temporary file in
-    the same directory, is fsynced, then renamed over the old one.
+
+def build_cache(block_sizes: tuple[int, ...] = CACHED_BLOCK_SIZES) -> dict:
+    """The whole ``codebooks.json`` document (theory form, every cached codebook), computed in memory.
+
+    No I/O: the file is written by ``scripts/regenerate_codebooks.py`` (``make codebooks``), atomically.
+    ``block_sizes`` are validated like every other block size (integers >= 2).
     """
-    path = Path(path)
     sizes = tuple(_check_block_size(b) for b in block_sizes)
     t0 = time.perf_counter()
     entries = _build_entries(sizes)
     doc = {
         "format_version": CACHE_FORMAT_VERSION,
         "algorithm_version": ALGORITHM_VERSION,
-        "generator": "python -m wct.formats.codebook --regenerate",
+        "generator": CACHE_GENERATOR,
         "generated_at": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
         "software": {"numpy": np.__version__, "scipy": scipy.__version__, "python": sys.version.split()[0]},
         "description": (
@@ -752,24 +526,13 @@ def regenerate_cache(path: Path | str = CACHE_PATH, block_sizes: tuple[int, ...]
         "entries": entries,
     }
     doc["total_seconds"] = round(time.perf_counter() - t0, 3)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; package data must be readable
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(doc, fh, indent=1, sort_keys=False)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    if path.resolve() == CACHE_PATH:
-        _load_cache.cache_clear()
-        _cached_levels.cache_clear()
     return doc
+
+
+def reload_cache() -> None:
+    """Forget the memoised cache file and levels (after ``CACHE_PATH`` was rewritten in this process)."""
+    _load_cache.cache_clear()
+    _cached_levels.cache_clear()
 
 
 @functools.lru_cache(maxsize=1)
@@ -812,24 +575,3 @@ def get_codebook(name: str, block_size: int = 64, criterion: str = "mse") -> tor
     return torch.tensor(_cached_levels(name, block_size, criterion), dtype=torch.float32)
 
 
-# --------------------------------------------------------------------------
-# CLI
-# --------------------------------------------------------------------------
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m wct.formats.codebook", description=__doc__.split("\n")[0])
-    parser.add_argument("--regenerate", action="store_true", help="recompute data/codebooks.json (theory form)")
-    parser.add_argument("--output", type=Path, default=CACHE_PATH, help="where to write the cache file")
-    args = parser.parse_args(argv)
-    if not args.regenerate:
-        parser.print_help()
-        return 0
-    t0 = time.perf_counter()
-    doc = regenerate_cache(args.output)
-    print(f"wrote {len(doc['entries'])} codebooks to {args.output} in {time.perf_counter() - t0:.1f} s")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -30,10 +30,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from wct.actquant import ActQuantConfig, model_act_quant_bytes, quantize_activations
 from wct.checkpoint_io import atomic_folder, verify_manifest
 from wct.nn.act_quant_linear import ActQuantLinear
 from wct.nn.model_utils import set_module
-from wct.quantize.outliertune import ActQuantConfig, model_act_quant_bytes, quantize_activations
 
 FORMAT = "wct-outliertune"
 VERSION = 1

@@ -4,7 +4,7 @@ Recipes stay short scripts over ``SFTTrainer``; what they share lives here:
 
 * :class:`WCTSFTConfig`: TRL's ``SFTConfig`` whose ``bf16`` and activation-checkpointing
   defaults follow the hardware (TRL defaults to bf16, which refuses to start on a CPU-only
-  machine, and to checkpointing, which buys GPU memory with ~65 % slower CPU steps here).
+  machine, and to checkpointing, which buys GPU memory with much slower CPU steps: docs/peft.md).
 * :class:`QuantArguments`: how the frozen base is made (method, bits, budget,
   calibration), as flags and YAML keys.
 * :func:`prepare_base`: loads an already packed checkpoint, or quantizes the
@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from trl import SFTConfig
+
+from wct.quantize.options import quant_dataclass_fields
 
 
 @dataclass
@@ -50,30 +52,47 @@ class WCTSFTConfig(SFTConfig):
         super().__post_init__()
 
 
-@dataclass
-class QuantArguments:
-    quant_method: str = field(default="owq", metadata={"help": "rtn | gptq | owq | gwq | nf4 | af4 | bof4 | bof4s"})
-    wbits: int = field(default=3, metadata={"help": "integer bits for rtn/gptq/owq/gwq"})
-    target_bits: float | None = field(default=3.01, metadata={"help": "OWQ average bits incl. 16-bit weak columns"})
-    group_size: int | None = field(default=None, metadata={"help": "integer group size (default per channel)"})
-    block_size: int = field(default=64, metadata={"help": "codebook block size"})
-    opq: bool = field(default=False, metadata={"help": "OPQ 16-bit outliers for codebook formats"})
-    outlier_ratio: float = field(default=0.01, metadata={"help": "GWQ outlier fraction"})
-    calib: str | None = field(default=None, metadata={"help": "calibration file/dataset (default: the training data)"})
-    calib_samples: int = field(default=32, metadata={"help": "calibration windows"})
-    calib_seq_len: int = field(default=512, metadata={"help": "calibration window length"})
-    quantized_base: str | None = field(default=None, metadata={"help": "an already packed wct checkpoint to train on"})
-    wct_trainable: str = field(default="weak_columns", metadata={"help": "weak_columns | outliers | all"})
-    wct_create_columns: int = field(default=0, metadata={"help": "split k 16-bit columns per layer out of a base without them"})
-    eval_size: int = field(default=500, metadata={"help": "records held out for evaluation (fixed shuffle by --seed)"})
-    merged_dir: str | None = field(default=None, metadata={"help": "where to save the merged packed model (default output_dir/merged)"})
+# The recipes' own arguments, besides the quantization options.
+_RECIPE_FIELDS = [
+    ("calib", str | None, field(default=None, metadata={"help": "calibration file/dataset (default: the training data)"})),
+    ("calib_samples", int, field(default=32, metadata={"help": "calibration windows"})),
+    ("calib_seq_len", int, field(default=512, metadata={"help": "calibration window length"})),
+    ("quantized_base", str | None, field(default=None, metadata={"help": "an already packed wct checkpoint to train on"})),
+    ("wct_trainable", str, field(default="weak_columns", metadata={"help": "weak_columns | outliers | all"})),
+    ("wct_create_columns", int, field(default=0, metadata={"help": "split k 16-bit columns per layer out of a base without them"})),
+    ("eval_size", int, field(default=500, metadata={"help": "records held out for evaluation (fixed shuffle by --seed)"})),
+    ("merged_dir", str | None, field(default=None, metadata={"help": "where to save the merged packed model (default output_dir/merged)"})),
+]
 
-    def quant_config(self):
-        from wct.quantize import QuantConfig
 
-        tb = self.target_bits if self.quant_method == "owq" else None
-        return QuantConfig(method=self.quant_method, wbits=self.wbits, target_bits=tb, group_size=self.group_size,
-                           block_size=self.block_size, opq=self.opq, outlier_ratio=self.outlier_ratio)
+_RECIPE_DEFAULTS = {"method": "owq", "wbits": 3, "target_bits": 3.01}
+
+
+def _quant_config(self):
+    """The ``QuantConfig`` these arguments describe.
+
+    The recipes' defaults are OWQ's (wbits 3, target_bits 3.01): ``target_bits`` only reaches owq, and a codebook
+    method keeps its 4 bits unless another ``wbits`` than that default was asked for (then QuantConfig refuses it).
+    """
+    from wct.quantize.config import CODEBOOK_METHODS
+    from wct.quantize.options import config_from_namespace
+
+    over = {"target_bits": self.target_bits if self.quant_method == "owq" else None}
+    if self.quant_method in CODEBOOK_METHODS and self.wbits == _RECIPE_DEFAULTS["wbits"]:
+        over["wbits"] = 4
+    return config_from_namespace(self, rename={"method": "quant_method"}, **over)
+
+
+# Every QuantConfig option, generated from its one definition (help text included), plus the recipes' own; the
+# recipes default to OWQ 3.01 (Weak Column Tuning's base).  ``method`` is ``quant_method`` here: TRL has no clash
+# with it, and it reads clearly next to the trainer's own arguments.
+QuantArguments = make_dataclass(
+    "QuantArguments",
+    quant_dataclass_fields(defaults=_RECIPE_DEFAULTS,
+                           rename={"method": "quant_method"}) + _RECIPE_FIELDS,
+    namespace={"quant_config": _quant_config, "__module__": __name__,
+               "__doc__": "Quantization options (from QuantConfig) and the recipes' own, for TrlParser / YAML."},
+)
 
 
 def _calibration(qargs: QuantArguments, tok, train_records: list[dict] | None):

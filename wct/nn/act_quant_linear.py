@@ -294,7 +294,7 @@ class ActQuantLinear(nn.Module):
         if self.act_mode == "static" and (not bool(torch.isfinite(sc).all()) or bool((sc <= 0).any())):
             raise ValueError(
                 "ActQuantLinear with act_mode='static' has no calibrated activation scales (act_scale holds "
-                "NaN/non-positive values): calibrate it with wct.quantize.outliertune.quantize_activations or "
+                "NaN/non-positive values): calibrate it with wct.actquant.quantize_activations or "
                 "load a checkpoint into it"
             )
         inv = off = None

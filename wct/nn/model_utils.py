@@ -23,20 +23,26 @@ except Exception:  # pragma: no cover - transformers always has it
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """(qualified name, ModuleList) of the decoder blocks."""
-    best: tuple[str, nn.ModuleList] | None = None
+    """(qualified name, ModuleList) of the decoder blocks.
+
+    Candidates are ``ModuleList``s of identical, non-Linear modules that contain Linear layers; lists nested inside
+    another candidate (the experts of a Mixture-of-Experts block, one MLP or one layer per expert) are not blocks,
+    however many experts there are.
+    """
+    cands = []
     for name, mod in model.named_modules():
         if isinstance(mod, nn.ModuleList) and len(mod) > 0:
             classes = {type(c) for c in mod}
-            if len(classes) == 1 and any(isinstance(m, (nn.Linear, Conv1D)) for m in mod[0].modules()):
-                if best is None or len(mod) > len(best[1]):
-                    best = (name, mod)
-    if best is None:
+            if (len(classes) == 1 and not is_linear(mod[0]) and type(mod[0]).__name__ != "QuantLinear"
+                    and any(is_linear(m) or type(m).__name__ == "QuantLinear" for m in mod[0].modules())):
+                cands.append((name, mod))
+    outer = [(n, m) for n, m in cands if not any(o != n and n.startswith(o + ".") for o, _ in cands)]
+    if not outer:
         raise ValueError(
             f"could not find the decoder blocks of {type(model).__name__}: expected an nn.ModuleList of identical "
             "blocks containing Linear layers"
         )
-    return best
+    return max(outer, key=lambda c: len(c[1]))
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -65,6 +71,22 @@ def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
 def packed_layers(model: nn.Module) -> dict[str, QuantLinear]:
     """Every ``QuantLinear`` of ``model`` by qualified name, in registration order."""
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def ties_output_embedding(model: nn.Module) -> bool:
+    """Whether the config ties lm_head to the input embedding (the text config's flag for multimodal configs)."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return False
+    tied = getattr(cfg, "tie_word_embeddings", False)
+    if callable(getattr(cfg, "get_text_config", None)):
+        tied = getattr(cfg.get_text_config(decoder=True), "tie_word_embeddings", tied)
+    return bool(tied)
+
+
+def layer_specs(model: nn.Module) -> dict[str, dict]:
+    """Module name -> ``QuantLinear.spec()`` for every packed layer: the table a checkpoint's state dict follows."""
+    return {n: m.spec() for n, m in packed_layers(model).items()}
 
 
 def output_embedding(model: nn.Module) -> nn.Module | None:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from wct.formats import Format, QuantizedTensor, get_format
-from wct.kernels import PackedWeight, quant_linear
+from wct.kernels import PackedWeight, layout_of, quant_linear_raw
 from wct.outliers import ColumnOutliers, SparseOutliers, index_dtype, keep_index
 
 _OUTLIER_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -210,11 +210,30 @@ class QuantLinear(nn.Module):
     def forward(
         self, x: torch.Tensor, col_values: torch.Tensor | None = None, sparse_values: torch.Tensor | None = None
     ) -> torch.Tensor:
+        """``x @ W.T + b`` through the ``torch.ops.wct.quant_linear`` custom op.
+
+        The op gets the raw buffers: everything with a data-dependent size (kept columns, sparse
+        rows) is derived inside it, so ``torch.compile`` sees one opaque node and no graph break.
+        """
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input has {x.shape[-1]} features, the quantized weight expects {self.in_features}")
         if self.n_weak and col_values is None:
             col_values = self.col_values
         if self.nnz and sparse_values is None:
             sparse_values = self.sp_values
-        return quant_linear(x, self.packed_weight(), col_values, sparse_values, self.bias)
+        base = [getattr(self, n) for n in self._base_names]
+        return quant_linear_raw(
+            x, base, self._layout, self.col_idx if self.n_weak else None, col_values,
+            self.sp_rowptr if self.nnz else None, self.sp_cols if self.nnz else None, sparse_values, self.bias,
+        )
+
+    @property
+    def _layout(self) -> str:
+        """The op's description of the packed base (format, buffer names, shapes), built once."""
+        layout = self.__dict__.get("_layout_cache")
+        if layout is None:
+            layout = self.__dict__["_layout_cache"] = layout_of(self.quantized_base(), self.in_features, self.out_features)
+        return layout
 
     @torch.no_grad()
     def dequantize_weight(

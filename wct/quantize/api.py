@@ -1,7 +1,8 @@
-"""``quantize_model(model, config)``: one verb that turns a model's Linears into ``QuantLinear``.
+"""``quantize_modules(model, config)``: one verb that turns a model's Linears into ``QuantLinear``.
 
-Round-to-nearest and codebook methods need no data and run layer by layer here;
-calibrated methods (GPTQ, OWQ, GWQ) go through the block-by-block engine.
+Round-to-nearest and codebook methods need no data and run layer by layer (:mod:`.rtn`); calibrated methods
+(GPTQ, OWQ, GWQ) go through the blockwise runner with their solver (:mod:`.calibrated`).  The Hugging Face
+facing ``wct.quantize_model`` calls this and attaches what ``save_pretrained`` needs.
 """
 
 from __future__ import annotations
@@ -11,34 +12,31 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from wct.nn import QuantLinear
-from wct.nn.model_utils import check_finite_weights, linear_weight, quantizable_linears, set_module
+from wct.nn.model_utils import (
+    check_finite_weights,
+    find_blocks,
+    layer_specs,
+    packed_layers,
+    quantizable_linears,
+    set_module,
+)
+from wct.nn.quant_experts import unfuse_experts_
 
+from .calibrated import quantize_calibrated
 from .config import QuantConfig
-from .opq import opq_outlier_mask
+from .rtn import quantize_linear
 
 QUANT_ATTR = "wct_quantization"  # model attribute: {"config": QuantConfig, "layers": {name: spec}}
 
 
-def quantize_linear(linear: nn.Module, config: QuantConfig) -> QuantLinear:
-    """Round-to-nearest quantization of one layer (with OPQ outliers if asked)."""
-    fmt = config.format()
-    w = linear_weight(linear).detach()
-    mask = None
-    if config.opq:
-        block = getattr(fmt, "block_size", None) or config.block_size
-        mask = opq_outlier_mask(w, block, config.opq_quantile)
-    return QuantLinear.from_linear(linear, fmt, outlier_mask=mask, weight=w, outlier_dtype=config.outlier_dtype)
-
-
-def record_quantization(model: nn.Module, config: QuantConfig) -> dict:
-    """Attach the config and per-layer specs to the model (what checkpoints serialise)."""
-    layers = {n: m.spec() for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    info = {"config": config, "layers": layers}
+def record_quantization(model: nn.Module, config: QuantConfig | None) -> dict:
+    """Attach the config and per-layer specs to the model: the quantization record checkpoints serialise."""
+    info = {"config": config, "layers": layer_specs(model)}
     setattr(model, QUANT_ATTR, info)
     return info
 
 
-def quantize_model(
+def quantize_modules(
     model: nn.Module,
     config: QuantConfig | None = None,
     calibration: torch.Tensor | None = None,
@@ -50,13 +48,13 @@ def quantize_model(
     the calibrated methods (see :func:`wct.data.get_calibration_windows`).
     """
     config = config or QuantConfig()
+    unfuse_experts_(model)  # fused MoE experts -> one (float, then packed) layer per expert; a no-op elsewhere
+    _refuse_dense_block_weights(model, config)
     if config.calibrated:
         if calibration is None:
             raise ValueError(
                 f"method {config.method!r} needs calibration data: pass calibration=get_calibration_windows(...)"
             )
-        from .engine import quantize_calibrated
-
         quantize_calibrated(model, config, calibration, progress=progress)
     else:
         targets = quantizable_linears(model, config.include_lm_head, config.skip_modules)
@@ -69,13 +67,67 @@ def quantize_model(
     return model
 
 
+def _is_router(module: nn.Module) -> bool:
+    """MoE routers stay 16-bit by design (tiny, and every token's path depends on them)."""
+    name = type(module).__name__.lower()
+    return "router" in name or name.endswith("gate")
+
+
+def dense_block_weights(model: nn.Module, planned: set[str] | None = None) -> dict[str, int]:
+    """Matrices (2-D and up) of the decoder blocks that are not packed (and not in ``planned``), routers aside."""
+    block_name, blocks = find_blocks(model)
+    out = {}
+    for name, mod in blocks.named_modules():
+        full = f"{block_name}.{name}" if name else block_name
+        if isinstance(mod, QuantLinear) or (planned and full in planned) or _is_router(mod):
+            continue
+        for pname, p in mod.named_parameters(recurse=False):
+            if p.dim() >= 2:
+                out[f"{full}.{pname}"] = p.numel()
+    return out
+
+
+def _refuse_dense_block_weights(model: nn.Module, config: QuantConfig) -> None:
+    targets = set(quantizable_linears(model, config.include_lm_head, config.skip_modules))
+    left = {n: k for n, k in dense_block_weights(model, targets).items()
+            if not any(s and s in n for s in config.skip_modules)}
+    if left and not config.allow_dense:
+        names = ", ".join(list(left)[:4]) + (f" and {len(left) - 4} more" if len(left) > 4 else "")
+        total = sum(left.values())
+        raise ValueError(
+            f"{type(model).__name__}: {config.method} would leave {len(left)} decoder-block weight(s) dense "
+            f"({total:,} weights: {names}); wct has no packed form for these modules. Pass allow_dense=True "
+            "(--allow-dense) to quantize the rest knowingly (bits per weight and coverage will show it), or list "
+            "them in skip_modules")
+
+
 def model_bits(model: nn.Module) -> dict[str, float]:
-    """Bits per weight over the quantized layers, and the storage of those layers in bytes."""
+    """Bits per weight over every weight matrix of the decoder blocks (packed or not) and any packed layer outside
+    them (e.g. ``lm_head``), with the share held packed.
+
+    ``bits_per_weight``: all of those weights, dense ones at their dtype's width; ``packed_bits_per_weight``: the
+    packed layers alone; ``coverage``: packed weights / all block weights (1.0 when every block matrix is packed;
+    MoE routers, 16-bit by design, count as dense); ``nbytes`` / ``numel``: the packed layers' storage and weights.
+    """
     nbytes = numel = 0
-    for m in model.modules():
-        if isinstance(m, QuantLinear):
-            nbytes += m.nbytes
-            numel += m.in_features * m.out_features
-    if not numel:
-        return {"bits_per_weight": float("nan"), "nbytes": 0, "numel": 0}
-    return {"bits_per_weight": 8.0 * nbytes / numel, "nbytes": nbytes, "numel": numel}
+    for m in packed_layers(model).values():
+        nbytes += m.nbytes
+        numel += m.in_features * m.out_features
+    dense_bytes = dense_numel = 0
+    block_name, blocks = find_blocks(model)
+    for mod in blocks.modules():
+        if isinstance(mod, QuantLinear):
+            continue
+        for p in mod.parameters(recurse=False):
+            if p.dim() >= 2:
+                dense_numel += p.numel()
+                dense_bytes += p.numel() * p.element_size()
+    packed_in_blocks = sum(m.in_features * m.out_features for n, m in packed_layers(model).items()
+                           if n.startswith(block_name + "."))
+    total = numel + dense_numel
+    return {
+        "bits_per_weight": 8.0 * (nbytes + dense_bytes) / total if total else float("nan"),
+        "packed_bits_per_weight": 8.0 * nbytes / numel if numel else float("nan"),
+        "coverage": packed_in_blocks / (packed_in_blocks + dense_numel) if packed_in_blocks + dense_numel else 0.0,
+        "nbytes": nbytes, "numel": numel, "dense_block_weights": dense_numel,
+    }

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from wct.formats import Format, get_format
@@ -14,6 +14,17 @@ CALIBRATED_METHODS = ("gptq", "owq", "gwq")
 METHODS = INTEGER_METHODS + CODEBOOK_METHODS
 
 
+def option(default: Any, help: str, choices: tuple | None = None, **kw: Any) -> Any:
+    """A ``QuantConfig`` field with its help text: the one definition the CLI flags and the TRL arguments are
+    generated from (:mod:`wct.quantize.options`)."""
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = choices
+    if isinstance(default, (list, dict, tuple)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
 @dataclass
 class QuantConfig:
     """How to quantize a model.
@@ -21,33 +32,50 @@ class QuantConfig:
     ``method``: ``rtn`` (round to nearest, integer), ``gptq``, ``owq``, ``gwq``
     (calibrated, integer), or a codebook format ``nf4``/``af4``/``bof4``/``bof4s``
     (round to nearest in the codebook; with ``opq=True`` magnitude outliers stay in 16-bit).
+    Every field carries its help text; the ``wct quantize`` flags and the recipes' arguments are made from them.
     """
 
-    method: str = "bof4s"
-    wbits: int = 4
-    group_size: int | None = None
-    sym: bool = False
-    block_size: int = 64
-    double_quant: bool = False
+    method: str = option("bof4s", "quantization method: integer rtn/gptq/owq/gwq or a 4-bit codebook", METHODS)
+    wbits: int = option(4, "integer bit width for rtn/gptq/owq/gwq (2, 3, 4, 8); codebooks are 4-bit")
+    group_size: int | None = option(None, "integer group size along the input (default: one scale per output channel)")
+    sym: bool = option(False, "symmetric integer grid (no zero point)")
+    block_size: int = option(64, "codebook block size (weights per absmax scale)")
+    double_quant: bool = option(False, "8-bit quantization of the codebook block scales")
     # outliers
-    target_bits: float | None = None  # OWQ: average bits incl. 16-bit weak columns; None = wbits + 0.01 (warned)
-    outlier_ratio: float = 0.01  # GWQ: fraction of weights kept in 16-bit
-    opq: bool = False
-    opq_quantile: float = 0.95
-    outlier_dtype: str = "float16"
+    target_bits: float | None = option(
+        None, "owq only: average bits per weight incl. the 16-bit weak columns, above wbits (e.g. 3.01, 3.1); "
+              "default wbits + 0.01 (the OWQ paper's 3.01 / 4.01)")
+    owq_sensitivity: str = option("hessian_error", "owq: how weak columns are ranked (H_jj x quantization error, or "
+                                  "H_jj alone)", ("hessian_error", "hessian"))
+    outlier_ratio: float = option(0.01, "gwq: fraction of the weights kept in 16-bit")
+    gwq_score: str = option("gradient", "gwq: outlier score, |gradient| or Fisher g^2 x quantization error^2",
+                            ("gradient", "fisher"))
+    gwq_solver: str = option("gptq", "gwq: how the non-outlier weights are quantized", ("gptq", "rtn"))
+    gwq_samples: int = option(8, "gwq: calibration windows whose loss gradients score the weights")
+    opq: bool = option(False, "codebook formats: keep OPQ magnitude outliers in 16-bit")
+    opq_quantile: float = option(0.95, "OPQ: a Gaussian block has an outlier with probability 1 - this")
+    outlier_dtype: str = option("float16", "dtype of weak columns and sparse outliers", ("float16", "bfloat16", "float32"))
     # GPTQ
-    percdamp: float = 0.01
-    blocksize: int = 128
-    # GPTQ's activation order (columns by descending Hessian diagonal; OWQ's weak columns stay last).  On by
-    # default because it is the largest single quality lever we measured (docs/benchmarks/quality.md, the *-noact
-    # rows); with groups it uses static groups, so storage is unchanged.
-    act_order: bool = True
-    true_sequential: bool = False
-    range_search: str | None = None  # "minmax" | "mse" (GPTQ shrink) | "grid" (OWQ width x zero point); None = method default
+    percdamp: float = option(0.01, "GPTQ: Hessian damping, as a fraction of its mean diagonal")
+    lazy_batch: int = option(128, "GPTQ: columns quantized together before the rest is updated (speed only)")
+    act_order: bool = option(
+        True, "GPTQ/OWQ/GWQ: quantize columns by descending Hessian diagonal (the largest single quality lever we "
+              "measured, docs/benchmarks/quality.md); with groups it uses static groups, so storage is unchanged")
+    true_sequential: bool = option(False, "GPTQ/OWQ/GWQ: solve a block one input group at a time, each on the "
+                                   "outputs of the groups already quantized")
+    range_search: str | None = option(
+        None, "scale/zero tuning: minmax, mse (GPTQ's shrink search) or grid (OWQ's width x zero-point search); "
+              "default: grid for owq, minmax otherwise", ("minmax", "mse", "grid"))
+    # Mixture-of-Experts
+    expert_min_tokens: int | None = option(
+        None, "calibrated methods: experts routed fewer calibration tokens than this are calibrated on every token "
+              "of their block (routing weight 0 where not chosen); default: the expert's input width, below which "
+              "its Hessian is rank-deficient")
     # scope
-    include_lm_head: bool = False
-    skip_modules: tuple[str, ...] = ()
-    extra: dict[str, Any] = field(default_factory=dict)
+    include_lm_head: bool = option(False, "also quantize the output head (round to nearest)")
+    skip_modules: tuple[str, ...] = option((), "layer names containing any of these stay in full precision")
+    allow_dense: bool = option(False, "quantize even if some decoder-block weights have no packed form (they stay "
+                               "dense and the bits per weight say so); without it such a model is refused")
 
     def __post_init__(self) -> None:
         self.method = str(self.method).lower()
@@ -63,6 +91,12 @@ class QuantConfig:
         if not 0 < self.opq_quantile < 1:
             raise ValueError(f"opq_quantile must be in (0, 1), got {self.opq_quantile}")
         self._check_target_bits()
+        for name in ("owq_sensitivity", "gwq_score", "gwq_solver", "outlier_dtype"):
+            choices = next(f.metadata["choices"] for f in fields(self) if f.name == name)
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {choices}")
+        if self.gwq_samples < 1:
+            raise ValueError(f"gwq_samples must be at least 1, got {self.gwq_samples}")
         if self.range_search not in (None, "minmax", "mse", "grid"):
             raise ValueError(f"range_search must be 'minmax', 'mse' or 'grid' (or None for the method default), got "
                              f"{self.range_search!r}")
@@ -102,3 +136,31 @@ class QuantConfig:
         d = asdict(self)
         d["skip_modules"] = list(self.skip_modules)
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
+        """Rebuild a saved config, including those written before options were typed (``blocksize``, ``extra``).
+
+        Unknown keys (e.g. from a newer wct) raise: silently dropping an option would change the method.
+        """
+        d = dict(d)
+        if "blocksize" in d:  # renamed: it is GPTQ's lazy batch, not a block of weights
+            d.setdefault("lazy_batch", d.pop("blocksize"))
+        extra = d.pop("extra", None) or {}
+        for key, value in extra.items():
+            if key not in _LEGACY_EXTRA:
+                raise ValueError(f"saved QuantConfig.extra holds {key!r}, which this wct does not know; "
+                                 f"known: {sorted(_LEGACY_EXTRA)}")
+            d.setdefault(_LEGACY_EXTRA[key], value)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"saved QuantConfig has options this wct does not know: {unknown}; upgrade wct")
+        with warnings.catch_warnings():  # a record being read back: the default target_bits was announced at the time
+            warnings.simplefilter("ignore", UserWarning)
+            return cls(**d)
+
+
+# the untyped options of earlier versions, and the fields that replaced them
+_LEGACY_EXTRA = {"owq_sensitivity": "owq_sensitivity", "gwq_score": "gwq_score", "gwq_solver": "gwq_solver",
+                 "gwq_samples": "gwq_samples"}

@@ -16,10 +16,34 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
+from torch import nn
 
 from wct.formats.integer import IntegerFormat
+from wct.nn import QuantLinear
+from wct.nn.model_utils import CHECK_HINT, NonFiniteError, first_bad_sample, linear_weight
+
+from .blockwise import BlockInputs, BlockStep, SharedInputHooks, run_block
+from .config import QuantConfig
+
+
+class GridFormat(Protocol):
+    """What the GPTQ solver needs of a format: a uniform grid ``w ≈ scale · (q − zero)`` per row (and group).
+
+    :class:`wct.formats.integer.IntegerFormat` is one; OutlierTune's symmetric weight grid is another.
+    """
+
+    group_size: int | None
+
+    def n_groups(self, in_features: int) -> int: ...
+
+    def range_params(self, w: torch.Tensor, search: str = "minmax") -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def quantize_values(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor: ...
+
+    def dequantize_values(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass
@@ -27,8 +51,7 @@ class GPTQResult:
     codes: torch.Tensor  # [out, in - k] integer codes of the kept columns (ascending column order)
     scales: torch.Tensor  # [out, groups]
     zeros: torch.Tensor  # [out, groups]
-    weak_values: torch.Tensor | None  # [out, k] error-compensated weak columns
-    dense: torch.Tensor  # [out, in] the final weight (quantized + kept outliers), for checks
+    dense: torch.Tensor  # [out, in] the final weight (quantized + kept weak columns/outliers, error-compensated)
     loss: float  # Σ (w - q)² / d² / 2, GPTQ's proxy loss
 
 
@@ -68,8 +91,8 @@ class GPTQ:
     def solve(
         self,
         W: torch.Tensor,
-        fmt: IntegerFormat,
-        blocksize: int = 128,
+        fmt: GridFormat,
+        lazy_batch: int = 128,
         percdamp: float = 0.01,
         act_order: bool = False,
         range_search: str = "minmax",
@@ -131,8 +154,8 @@ class GPTQ:
 
         codes = torch.zeros(out_f, nq, device=W.device)
         losses = torch.zeros(out_f, device=W.device)
-        for i1 in range(0, nq, blocksize):
-            i2 = min(i1 + blocksize, nq)
+        for i1 in range(0, nq, lazy_batch):
+            i2 = min(i1 + lazy_batch, nq)
             count = i2 - i1
             W1 = W[:, i1:i2].clone()
             Err1 = torch.zeros_like(W1)
@@ -167,9 +190,74 @@ class GPTQ:
             W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
         inv = torch.argsort(order)
-        dense = W[:, inv]
-        weak_values = dense[:, weak].clone() if weak.numel() else None
-        return GPTQResult(codes, scales, zeros, weak_values, dense, float(losses.sum()))
+        return GPTQResult(codes, scales, zeros, W[:, inv], float(losses.sum()))
 
-    def free(self) -> None:
-        self.H = None
+
+class HessianCollector:
+    """One GPTQ accumulator per distinct input of a block's layers (q/k/v share one, so do gate/up)."""
+
+    def __init__(self, layers: dict[str, nn.Module], prefix: str = "") -> None:
+        self.prefix = prefix  # the block's qualified name, for error messages
+        self.stats: dict[str, GPTQ] = {}
+        self.owner: dict[str, str] = {}
+        self.hooks = SharedInputHooks(layers, self._add)
+
+    def _add(self, name: str, x: torch.Tensor, owner: str, _norm: str | None) -> None:
+        if owner != name:
+            self.owner[name] = owner
+            return
+        if name not in self.stats:
+            self.stats[name] = GPTQ(x.shape[-1], device=x.device)
+        try:
+            self.stats[name].add_batch(x)
+        except FloatingPointError:
+            bad = first_bad_sample(x) if x.dim() >= 3 else 0
+            full = f"{self.prefix}.{name}" if self.prefix else name
+            raise NonFiniteError(f"{full}: calibration inputs contain NaN/Inf (first bad sample "
+                                 f"{self.hooks.first_window + max(bad, 0)}) — {CHECK_HINT}") from None
+
+    def collect(self, block: nn.Module, inputs: BlockInputs) -> HessianCollector:
+        try:
+            run_block(block, inputs, self.hooks.new_forward)
+        finally:
+            self.hooks.remove()
+        return self
+
+    def hessian(self, name: str) -> GPTQ:
+        return self.stats[self.owner.get(name, name)]
+
+
+class GPTQSolver:
+    """The ``gptq`` entry of the solver registry: every Linear of a block from its input Hessian.
+
+    OWQ and GWQ extend it (:mod:`.owq`, :mod:`.gwq`): they choose what stays 16-bit, GPTQ quantizes the rest.
+    """
+
+    def __init__(self, config: QuantConfig, fmt: IntegerFormat) -> None:
+        self.config, self.fmt = config, fmt
+        self.range_search = config.range_search or "minmax"
+
+    def memory(self, model: nn.Module, calibration: torch.Tensor) -> tuple[int, str]:
+        """Bytes held besides the calibration activations for the whole run, and what they are."""
+        return 0, ""
+
+    def prepare(self, model: nn.Module, calibration: torch.Tensor, progress: bool) -> None:
+        """Work on the float model before the first block is captured (nothing for GPTQ)."""
+
+    def plan_block(self, step: BlockStep, layers: dict[str, nn.Module]) -> None:
+        """Per-block decisions made before the block's layers are solved (nothing for GPTQ)."""
+
+    def solve(self, name: str, linear: nn.Module, hessian: GPTQ) -> tuple[QuantLinear, dict]:
+        return self._gptq(linear, hessian, weak=None, mask=None)
+
+    def _gptq(self, linear: nn.Module, hessian: GPTQ, weak: torch.Tensor | None,
+              mask: torch.Tensor | None) -> tuple[QuantLinear, dict]:
+        cfg = self.config
+        W = linear_weight(linear).detach().float()
+        res = hessian.solve(W, self.fmt, lazy_batch=cfg.lazy_batch, percdamp=cfg.percdamp, act_order=cfg.act_order,
+                            range_search=self.range_search, weak_columns=weak, outlier_mask=mask)
+        layer = QuantLinear.from_linear(
+            linear, self.fmt, weak_columns=weak, outlier_mask=mask, qweight=self.fmt.from_codes(res.codes, res.scales, res.zeros),
+            weight=res.dense, outlier_dtype=cfg.outlier_dtype,
+        )
+        return layer, {"gptq_loss": res.loss}

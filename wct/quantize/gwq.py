@@ -4,7 +4,7 @@ gradients in 16-bit.
 The paper has no public code and leaves details open; our choices:
 
 * gradients of the causal-LM loss of the *unquantized* model on a few
-  calibration windows (``n_grad_samples``, default 8; the paper reports that one
+  calibration windows (``QuantConfig.gwq_samples``, default 8; the paper reports that one
   sample already works), accumulated as ``Σ|g|`` (or ``Σ g²`` for the Fisher
   variant) by hooks that fire as each weight's gradient is produced and then
   drop the gradient, so memory stays at one fp32 score per weight;
@@ -20,8 +20,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from wct import resources
 from wct.formats.integer import IntegerFormat
-from wct.nn.model_utils import CHECK_HINT, NonFiniteError, linear_weight
+from wct.nn import QuantLinear
+from wct.nn.model_utils import CHECK_HINT, NonFiniteError, linear_weight, quantizable_linears
+
+from .config import QuantConfig
+from .gptq import GPTQ, GPTQSolver
 
 
 def gradient_scores(
@@ -58,7 +63,7 @@ def gradient_scores(
     try:
         rows = calibration[: max(1, n_samples)]
         for i in tqdm(range(rows.shape[0]), desc="gwq gradients", disable=not progress):
-            ids = rows[i : i + 1].to(next(model.parameters()).device)
+            ids = rows[i : i + 1].to(resources.model_device(model))
             out = model(input_ids=ids, labels=ids, use_cache=False)
             if not bool(torch.isfinite(out.loss.detach())):
                 bad_loss.append(i)
@@ -105,3 +110,41 @@ def outlier_mask_from_scores(
     if k > 0:
         mask[torch.topk(score.reshape(-1), k).indices] = True
     return mask.view_as(score)
+
+
+class GWQSolver(GPTQSolver):
+    """The ``gwq`` entry of the solver registry: the top ``outlier_ratio`` weights by calibration gradient stay
+    16-bit (sparse), the rest is solved by GPTQ (or rounded to nearest, ``gwq_solver="rtn"``).
+
+    The gradients need the float model, so they are taken once, before the first block is captured.
+    """
+
+    def __init__(self, config: QuantConfig, fmt: IntegerFormat) -> None:
+        super().__init__(config, fmt)
+        self.scores: dict[str, torch.Tensor] = {}
+
+    def _targets(self, model: nn.Module) -> dict[str, nn.Module]:
+        return quantizable_linears(model, False, self.config.skip_modules)
+
+    def memory(self, model: nn.Module, calibration: torch.Tensor) -> tuple[int, str]:
+        n_grad = min(calibration.shape[0], max(1, self.config.gwq_samples))
+        elt = next(p for p in model.parameters() if p.is_floating_point()).element_size()
+        vocab = getattr(getattr(model, "config", None), "vocab_size", 0) or 0
+        nbytes = gradient_memory_bytes(self._targets(model), calibration.shape[1], vocab, elt)
+        return nbytes, f"GWQ gradient scores and the backward pass of one window (of {n_grad})"
+
+    def prepare(self, model: nn.Module, calibration: torch.Tensor, progress: bool) -> None:
+        self.scores = gradient_scores(model, self._targets(model), calibration, n_samples=self.config.gwq_samples,
+                                      squared=self.config.gwq_score == "fisher", progress=progress)
+
+    def solve(self, name: str, linear: nn.Module, hessian: GPTQ) -> tuple[QuantLinear, dict]:
+        W = linear_weight(linear).detach().float()
+        mask = outlier_mask_from_scores(self.scores.pop(name), self.config.outlier_ratio, W, self.fmt,
+                                        self.config.gwq_score)
+        if self.config.gwq_solver == "rtn":
+            layer = QuantLinear.from_linear(linear, self.fmt, outlier_mask=mask, weight=W,
+                                            outlier_dtype=self.config.outlier_dtype)
+            return layer, {"outliers": int(mask.sum())}
+        layer, info = self._gptq(linear, hessian, weak=None, mask=mask)
+        info["outliers"] = int(mask.sum())
+        return layer, info

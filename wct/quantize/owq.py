@@ -20,8 +20,15 @@ attention, ≈0.375 for the MLP) and OPT, and gives every layer about the same
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from wct.formats.integer import IntegerFormat
+from wct.nn import QuantLinear
+from wct.nn.model_utils import linear_weight
+
+from .blockwise import BlockStep
+from .config import QuantConfig
+from .gptq import GPTQ, GPTQSolver
 
 
 def column_sensitivity(W: torch.Tensor, H: torch.Tensor, fmt: IntegerFormat, mode: str = "hessian_error") -> torch.Tensor:
@@ -77,3 +84,33 @@ def allocate_weak_columns(
             break
         r *= 1.02
     return best
+
+
+class OWQSolver(GPTQSolver):
+    """The ``owq`` entry of the solver registry: GPTQ with each layer's weak columns kept in 16-bit.
+
+    The block's column budget is spread over its layers before they are solved (:func:`allocate_weak_columns`);
+    each layer's weak columns are its most sensitive ones under its own input Hessian.
+    """
+
+    def __init__(self, config: QuantConfig, fmt: IntegerFormat) -> None:
+        super().__init__(config, fmt)
+        self.range_search = config.range_search or "grid"  # the reference's width x zero-point search
+        self.n_weak: dict[str, int] = {}
+
+    def plan_block(self, step: BlockStep, layers: dict[str, nn.Module]) -> None:
+        shapes = {n: tuple(linear_weight(m).shape) for n, m in layers.items()}
+        counts = allocate_weak_columns(shapes, step.d_model, self.config.wbits, self.config.target_bits)
+        self.n_weak = {f"{step.prefix}.{n}": k for n, k in counts.items()}
+
+    def solve(self, name: str, linear: nn.Module, hessian: GPTQ) -> tuple[QuantLinear, dict]:
+        k = self.n_weak.get(name, 0)
+        weak = None
+        if k > 0:
+            sens = column_sensitivity(linear_weight(linear).detach().float(), hessian.H, self.fmt,
+                                      self.config.owq_sensitivity)
+            weak = select_weak_columns(sens, k)
+        layer, info = self._gptq(linear, hessian, weak=weak, mask=None)
+        if weak is not None:
+            info["weak_columns"] = int(weak.numel())
+        return layer, info

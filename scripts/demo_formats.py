@@ -6,19 +6,22 @@ storage and held-out perplexity next to the unquantized model.
 Held-out text: WikiText-2 ``test.txt`` when the development data sits beside
 the project (``../shared/data``), otherwise text the project generates itself
 (the built-in instruction tasks rendered through the chat template), so a fresh
-user needs no download.
+user needs no download.  A script, not part of the installed library: ``python scripts/demo_formats.py --help``.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import resource
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+if str(Path(__file__).resolve().parent) not in sys.path:  # benchlib beside this file, also when loaded by path
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import peak_rss_mb  # noqa: E402
 
 SHARED_TEST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2" / "test.txt"
 
@@ -71,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:8s} {b:12.3f} {mb:11.2f} {p:11.2f} {s:11.1f}")
     print("\nNote: this model was published as Q4_1, so its 'fp32' weights already sit on a 4-bit grid;")
     print("4-bit rows look better here than they would on the original bf16 weights.")
-    print(f"total {time.time() - t0:.0f} s, peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    print(f"total {time.time() - t0:.0f} s, peak RSS {peak_rss_mb():.0f} MB")
     return 0
 
 
