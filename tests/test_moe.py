@@ -158,3 +158,21 @@ def test_moe_checkpoint_round_trip(tmp_path):
     loaded = wct.load_quantized(tmp_path / "ckpt")
     assert any(isinstance(x, QuantExperts) for x in loaded.modules())
     assert torch.equal(logits(loaded), ref)
+
+
+def test_inspect_shows_every_expert_packed(tmp_path, capsys):
+    import json
+
+    from wct.cli import main
+
+    m = make("olmoe")
+    wct.quantize_model(m, QuantConfig(method="bof4s"))
+    wct.save_pretrained(m, tmp_path / "ckpt")
+    assert main(["inspect", str(tmp_path / "ckpt"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    s = out["summary"]
+    assert s["moe_blocks_packed"] == 2 and s["experts_packed"] == 8
+    assert 0.99 < s["coverage"] < 1.0  # the routers stay 16-bit, and are counted
+    expert_rows = [r for r in out["layers"] if ".experts." in r["layer"]]
+    assert len(expert_rows) == 2 * 4 * 2  # blocks x experts x (gate_up, down)
+    assert s["bits_per_weight"] > s["packed_bits_per_weight"]

@@ -168,21 +168,65 @@ def test_w6a6_uses_6bit_codes():
         assert float(q.abs().max()) <= 31
 
 
-def test_gptq_and_percentile_and_all_layers_options_run():
-    x, c = tokens(), calib()
+def _scales(model) -> dict[str, torch.Tensor]:
+    return {n: m.act_scale.clone() for n, m in model.named_modules()
+            if isinstance(m, ActQuantLinear) and getattr(m, "act_scale", None) is not None}
+
+
+# each option, and what it must change compared with the default configuration
+OPTION_CASES = {
+    "gptq-weights": ActQuantConfig(weight_solver="gptq"),
+    "percentile": ActQuantConfig(percentile=99.0),
+    "all-layers-static": ActQuantConfig(per_channel_layers="all"),
+    "sample-mean-shift": ActQuantConfig(shift_estimate="sample-mean"),
+    "only-mlp": ActQuantConfig(layers=("mlp",)),
+    "skip-down": ActQuantConfig(skip_modules=("down_proj",)),
+    "sequential": ActQuantConfig(sequential=True),
+    "fold-gamma": ActQuantConfig(sequential=True, fold_gamma=True, symmetrize=False),
+}
+
+
+@pytest.fixture(scope="module")
+def default_run():
+    c = calib()
     base = make_tiny_llama()
-    ref = base(x).logits
-    for cfg in (ActQuantConfig(weight_solver="gptq"), ActQuantConfig(percentile=99.0),
-                ActQuantConfig(per_channel_layers="all"), ActQuantConfig(shift_estimate="range"),
-                ActQuantConfig(layers=("mlp",)), ActQuantConfig(skip_modules=("down_proj",)),
-                ActQuantConfig(sequential=True), ActQuantConfig(sequential=True, fold_gamma=True, symmetrize=False)):
-        m = copy.deepcopy(base)
-        rep = quantize_activations(m, cfg, c, progress=False)
-        assert rel(m(x).logits, ref) < 0.1
-        if cfg.layers:
-            assert all("mlp" in k for k in rep["layers"])
-        if cfg.skip_modules:
-            assert not any("down_proj" in k for k in rep["layers"])
+    m = copy.deepcopy(base)
+    rep = quantize_activations(m, ActQuantConfig(), c, progress=False)
+    return base, m, rep
+
+
+@pytest.mark.parametrize("case", list(OPTION_CASES))
+def test_each_option_has_its_effect_and_stays_accurate(case, default_run):
+    base, dflt, dflt_rep = default_run
+    x, c = tokens(), calib()
+    cfg = OPTION_CASES[case]
+    m = copy.deepcopy(base)
+    rep = quantize_activations(m, cfg, c, progress=False)
+    assert rel(m(x).logits, base(x).logits) < 0.1
+    layers = {n: q for n, q in m.named_modules() if isinstance(q, ActQuantLinear)}
+    ref_layers = {n: q for n, q in dflt.named_modules() if isinstance(q, ActQuantLinear)}
+    if case == "gptq-weights":  # GPTQ moved some codes away from round to nearest
+        assert any(not torch.equal(q.qweight, ref_layers[n].qweight) for n, q in layers.items())
+    elif case == "percentile":  # clipped ranges: smaller steps than min/max somewhere, never larger
+        new, old = _scales(m), _scales(dflt)
+        assert all(bool((new[n] <= old[n] + 1e-6).all()) for n in new) and any(bool((new[n] < old[n]).any()) for n in new)
+    elif case == "all-layers-static":
+        assert {r["act_mode"] for r in rep["layers"].values()} == {"static"}
+        assert {r["act_mode"] for r in dflt_rep["layers"].values()} == {"static", "per-token"}
+    elif case == "sample-mean-shift":
+        assert any(not torch.allclose(q.act_shift, ref_layers[n].act_shift) for n, q in layers.items()
+                   if getattr(q, "act_shift", None) is not None)
+    elif case == "only-mlp":
+        assert rep["layers"] and all("mlp" in k for k in rep["layers"])
+    elif case == "skip-down":
+        assert rep["layers"] and not any("down_proj" in k for k in rep["layers"])
+    elif case == "sequential":  # block 1 calibrated on the quantized block 0: other ranges than the float pass
+        new, old = _scales(m), _scales(dflt)
+        assert all(torch.equal(new[n], old[n]) for n in new if ".layers.0." in n)
+        assert any(not torch.equal(new[n], old[n]) for n in new if ".layers.1." in n)
+    elif case == "fold-gamma":  # the norms feeding Linears were folded away
+        norms = [mod for n, mod in m.named_modules() if n.endswith(("input_layernorm", "post_attention_layernorm"))]
+        assert norms and all(bool((mod.weight == 1).all()) for mod in norms)
 
 
 def test_float_stats_path_reuses_one_calibration_pass():

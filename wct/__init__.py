@@ -39,7 +39,7 @@ from wct.integrations import (  # noqa: E402  (importing registers quant_method=
 )
 from wct.integrations.bnb import quiet_offline_hub_kernel_notices  # noqa: E402
 from wct.integrations.peft import load_adapter, register_wct_peft  # noqa: E402
-from wct.nn import QuantLinear  # noqa: E402
+from wct.nn import QuantExperts, QuantLinear  # noqa: E402
 from wct.quantize import QuantConfig, model_bits  # noqa: E402
 from wct.tuners import QuantLoraLinear, WCTConfig, create_weak_columns, prepare_for_training  # noqa: E402
 
@@ -48,6 +48,7 @@ quiet_offline_hub_kernel_notices()
 
 __all__ = [
     "QuantConfig",
+    "QuantExperts",
     "QuantLinear",
     "QuantLoraLinear",
     "WCTConfig",

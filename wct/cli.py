@@ -260,13 +260,19 @@ def cmd_inspect(args) -> int:
               file=sys.stderr)
         return 2
     from wct.integrations.transformers import load_quantized
+    from wct.nn.quant_experts import packed_experts
+    from wct.quantize import model_bits
 
     model = load_quantized(args.path)
     rows = inspect_rows(model)
     total_bytes = sum(r["bytes"] for r in rows)
-    numel = sum(r["shape"][0] * r["shape"][1] for r in rows)
     files = sum(f.stat().st_size for f in Path(args.path).glob("*.safetensors"))
-    summary = {"layers": len(rows), "bits_per_weight": round(8 * total_bytes / max(numel, 1), 4),
+    bits = model_bits(model)  # every weight matrix of the blocks, packed or not
+    experts = packed_experts(model)
+    summary = {"layers": len(rows), "bits_per_weight": round(bits["bits_per_weight"], 4),
+               "packed_bits_per_weight": round(bits["packed_bits_per_weight"], 4),
+               "coverage": round(bits["coverage"], 4), "dense_block_weights": bits["dense_block_weights"],
+               "moe_blocks_packed": len(experts), "experts_packed": sum(m.num_experts for m in experts.values()),
                "quantized_bytes": total_bytes, "weak_columns": sum(r["weak_columns"] for r in rows),
                "sparse_outliers": sum(r["sparse_outliers"] for r in rows), "safetensors_bytes": files}
     if args.json:

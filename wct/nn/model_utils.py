@@ -11,15 +11,11 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D  # GPT-2 style models use a transposed Linear
 
 from wct.resources import model_device  # noqa: F401  (re-exported: the model helpers' home)
 
 from .quant_linear import QuantLinear
-
-try:  # GPT-2 style models use a transposed Linear
-    from transformers.pytorch_utils import Conv1D
-except Exception:  # pragma: no cover - transformers always has it
-    Conv1D = ()
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -46,7 +42,7 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or (Conv1D != () and isinstance(module, Conv1D))
+    return isinstance(module, (nn.Linear, Conv1D))
 
 
 def linear_weight(module: nn.Module) -> torch.Tensor:

@@ -12,8 +12,6 @@ value from stretching the block's absmax scale.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 
@@ -42,9 +40,3 @@ def opq_outlier_mask(weight: torch.Tensor, block_size: int = 64, q: float = 0.95
     thr = std * block_max_quantile(block_size, q)
     mask = blocks.abs() > thr[:, None]
     return mask.reshape(-1)[:n].view_as(weight)
-
-
-def expected_outlier_fraction(block_size: int, q: float) -> float:
-    """Per-weight outlier fraction for Gaussian weights if σ were known exactly (a sanity figure)."""
-    m = block_max_quantile(block_size, q)
-    return math.erfc(m / math.sqrt(2))
