@@ -353,6 +353,8 @@ def write_reports(records: list[dict]) -> None:
         "Produced by `make bench-quality` (`python scripts/bench_quality.py`). Protocol: calibration 128 x 512 tokens",
         "from wikitext-2 `valid.txt` (seed 0), perplexity on the first 40 non-overlapping 512-token windows of",
         "`test.txt`, per-output-channel scales unless the row says otherwise, codebooks at block 64, 2 CPU cores.",
+        "Windows follow the GPTQ convention without BOS (calibration and perplexity alike): SmolLM2's tokenizer adds",
+        "no BOS, so wct's tokenizer-following rule gives exactly these windows (`docs/methods.md`, BOS section).",
         "",
         "`bits/weight` counts every stored byte (codes, scales, zeros, outlier values and indices);",
         "`anchor bits` uses the reference table's convention (code bits + 16-bit outliers, scales not counted).",

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     from trl import SFTTrainer
 
     import wct
-    from wct.data import records_to_stream, sample_windows
+    from wct.data import bos_token_id, records_to_stream, sample_windows
     from wct.data.tasks import to_prompt_completion, train_heldout_split
     from wct.integrations.trl import WCTSFTConfig
     from wct.models import load_model
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     calib_records = [{"messages": [{"role": "user", "content": e["instruction"] + "\n\n" + e["input"]},
                                    {"role": "assistant", "content": e["output"]}]} for e in train]
     stream = records_to_stream(calib_records, tok, seed=0, progress=False)
-    calib = sample_windows(stream, args.calib_samples, args.calib_seq_len, seed=0)
+    calib = sample_windows(stream, args.calib_samples, args.calib_seq_len, seed=0, bos_token_id=bos_token_id(tok))
     wct.quantize_model(model, wct.QuantConfig(method="owq", wbits=3, target_bits=args.target_bits), calibration=calib)
     q_seconds = time.time() - t
     bits = wct.model_bits(model)

@@ -65,8 +65,20 @@ def _add_quantize(sub) -> None:
     p.add_argument("--n-samples", type=int, default=128)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
+    _add_bos_argument(p, "calibration")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
+
+
+BOS_CHOICES = {"auto": None, "on": True, "off": False}
+
+
+def _add_bos_argument(parser, what: str) -> None:
+    parser.add_argument(
+        "--bos", choices=tuple(BOS_CHOICES), default="auto",
+        help=f"start each {what} window with BOS: auto = when the tokenizer adds one (as lm-eval-harness), "
+             "off = never (the GPTQ convention, to compare with papers), on = always",
+    )
 
 
 def _add_eval(sub) -> None:
@@ -77,6 +89,7 @@ def _add_eval(sub) -> None:
     pp.add_argument("--data", required=True, help="text/JSON/JSONL file or dataset name")
     pp.add_argument("--seq-len", type=int, default=512)
     pp.add_argument("--windows", type=int, default=None, help="first N windows (default: all)")
+    _add_bos_argument(pp, "perplexity")
     pp.add_argument("--json", action="store_true", help="print a JSON record")
 
 
@@ -210,7 +223,8 @@ def cmd_quantize(args) -> int:
 
     calib = None
     if cfg.calibrated:
-        calib = get_calibration_windows(args.calib, tok, n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed)
+        calib = get_calibration_windows(args.calib, tok, n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed,
+                                        bos=BOS_CHOICES[args.bos])
     quantize_model(model, cfg, calibration=calib)
     seconds = time.time() - t0
     if cfg.method == "owq" and not sum(r["weak_columns"] for r in inspect_rows(model)):
@@ -233,9 +247,12 @@ def cmd_eval(args) -> int:
         return _fail(err)
     model, tok = load_any(args.model)
     t0 = time.time()
-    ppl = perplexity(model, args.data, tokenizer=tok, seq_len=args.seq_len, n_windows=args.windows)
+    from wct.data import resolve_bos
+
+    bos = BOS_CHOICES[args.bos]
+    ppl = perplexity(model, args.data, tokenizer=tok, seq_len=args.seq_len, n_windows=args.windows, bos=bos)
     rec = {"model": args.model or "default", "data": args.data, "seq_len": args.seq_len, "windows": args.windows,
-           "ppl": round(ppl, 4), "seconds": round(time.time() - t0, 1)}
+           "bos": resolve_bos(bos, tok) is not None, "ppl": round(ppl, 4), "seconds": round(time.time() - t0, 1)}
     print(json.dumps(rec) if args.json else f"perplexity {ppl:.4f}")
     return 0
 

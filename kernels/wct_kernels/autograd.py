@@ -64,9 +64,12 @@ def _backend(x: torch.Tensor):
 
 
 # --------------------------------------------------------------------------- layout <-> PackedWeight
-def layout_of(qweight: QuantizedTensor, in_features: int, out_features: int) -> str:
-    """The op's description of a packed base: format, buffer names (in the order passed) and shapes."""
-    return json.dumps({"format": qweight.format.to_dict(), "names": list(qweight.data), "shape": list(qweight.shape),
+def layout_of(fmt, names, base_shape, in_features: int, out_features: int) -> str:
+    """The op's description of a packed base: format, buffer names (in the order passed) and shapes.
+
+    Build it once per layer, outside any compiled region (``json`` is not traceable).
+    """
+    return json.dumps({"format": fmt.to_dict(), "names": list(names), "shape": list(base_shape),
                        "in": in_features, "out": out_features}, sort_keys=True)
 
 
@@ -219,6 +222,7 @@ def quant_linear(
         raise ValueError("this weight has weak columns: pass their values as col_values")
     if packed.sparse_rows is not None and sparse_values is None:
         raise ValueError("this weight has sparse outliers: pass their values as sparse_values")
-    layout = layout_of(packed.qweight, packed.in_features, packed.out_features)
+    qt = packed.qweight
+    layout = layout_of(qt.format, qt.data, qt.shape, packed.in_features, packed.out_features)
     return quant_linear_raw(x, list(packed.qweight.data.values()), layout, packed.col_idx, col_values,
                             packed.sparse_rowptr, packed.sparse_cols, sparse_values, bias)

@@ -411,9 +411,10 @@ _GEMM_SHAPES = {
     "gemm_fwd": [(16, 64, 128, 4, 4), (16, 128, 128, 8, 4), (32, 64, 128, 4, 4), (32, 128, 64, 4, 4),
                  (64, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 256, 32, 8, 3), (128, 64, 64, 4, 4),
                  (128, 128, 32, 8, 4), (128, 128, 64, 8, 3)],
-    # backward: BLOCK_N = reduction (output features), BLOCK_K = grad_x columns (packed along it)
-    "gemm_bwd": [(16, 64, 64, 4, 4), (16, 64, 128, 4, 4), (32, 64, 128, 4, 4), (32, 128, 64, 8, 4),
-                 (64, 64, 64, 4, 3), (64, 64, 128, 4, 3), (64, 128, 64, 8, 3), (128, 64, 64, 4, 4),
+    # backward: BLOCK_N = reduction (output features), BLOCK_K = grad_x columns (packed along it); the
+    # dequantized tile is the right-hand operand here, which costs registers: 8 warps from 64 rows up
+    "gemm_bwd": [(16, 64, 64, 4, 3), (16, 64, 128, 8, 3), (32, 64, 64, 4, 3), (32, 64, 128, 8, 3),
+                 (64, 64, 64, 8, 3), (64, 64, 128, 8, 3), (64, 128, 64, 8, 3), (128, 64, 64, 8, 3),
                  (128, 64, 128, 8, 3), (128, 128, 64, 8, 3)],
 }
 
@@ -449,7 +450,7 @@ def _untuned_gemm(name: str, m: int) -> dict:
     bm = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
     if name == "gemm_bwd":  # output tile [BLOCK_M, BLOCK_K]; 64-wide reduction steps
         return {"BLOCK_M": bm, "BLOCK_N": 64, "BLOCK_K": 64 if bm <= 64 else 128, "GROUP_M": 8,
-                "num_warps": 4 if bm <= 64 else 8, "num_stages": 3}
+                "num_warps": 4 if bm <= 32 else 8, "num_stages": 3}
     bn = 64 if bm <= 32 else 128
     return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64 if bm <= 64 else 32, "GROUP_M": 8,
             "num_warps": 4 if bm <= 64 else 8, "num_stages": 3}

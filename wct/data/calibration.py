@@ -6,16 +6,24 @@ evaluator cuts it into consecutive windows.  Sharing one tokenisation path is
 why calibration and evaluation cannot silently disagree on details such as BOS
 handling.
 
-Conventions (the ones the GPTQ / AWQ literature uses, so numbers compare):
+Conventions (the GPTQ / AWQ literature's, so numbers compare, plus the tokenizer's BOS):
 
 * A text is tokenised as a whole, with ``add_special_tokens=False``: no BOS is
-  inserted anywhere, in particular not at every chunk or line.
+  inserted into the stream, in particular not at every chunk or line.
+* BOS follows the tokenizer (:func:`bos_token_id`), as lm-eval-harness does.  If the
+  tokenizer puts a BOS in front of a text (``tokenizer("x")`` starts with
+  ``bos_token_id``: Llama, Gemma, Mistral ...), every window starts with it:
+  window = BOS + ``seq_len - 1`` stream tokens, so the model sees what it sees in
+  use.  If it adds none (GPT-2-style BPE, Qwen, SmolLM2), windows are ``seq_len``
+  raw stream tokens: the GPTQ convention, unchanged.  ``bos=`` overrides
+  (``False``: never, the GPTQ convention for any model; ``True``: always; an int: that id).
 * Instruction data (Alpaca ``instruction/input/output`` or chat ``messages``)
   is rendered record by record (the tokenizer's chat template when it has one,
   else a plain ``### Instruction`` template), shuffled by ``seed`` and joined
   with EOS so that windows may straddle record boundaries, as with raw text.
 * Windows start at uniformly random offsets drawn from a ``torch.Generator``
-  seeded with ``seed``: same seed, same windows, on every machine.
+  seeded with ``seed``: same seed, same windows, on every machine.  (With BOS the
+  offsets are drawn for ``seq_len - 1`` tokens, so they differ from the no-BOS draw.)
 """
 
 from __future__ import annotations
@@ -231,19 +239,69 @@ def load_token_stream(
     return tokenize_text(path.read_text(encoding="utf-8"), tokenizer)
 
 
-def sample_windows(stream: torch.Tensor, n_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
-    """``n_samples`` windows of ``seq_len`` consecutive tokens at random offsets of ``stream``."""
+def bos_token_id(tokenizer: Any) -> int | None:
+    """The BOS id ``tokenizer`` puts in front of a text on its own, or None when it adds none.
+
+    Decided by what the tokenizer does, not by its attributes: ``tokenizer("x")`` (special
+    tokens on, as every user call and lm-eval-harness's default encoding make it) starts with
+    ``bos_token_id``.  So ``add_bos_token``, a template post-processor or a slow tokenizer's
+    ``build_inputs_with_special_tokens`` all count, and a tokenizer that merely *has* a BOS token
+    it never adds (GPT-2's ``<|endoftext|>``, SmolLM2's ``<|im_start|>``) does not.
+    """
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if tokenizer is None or bos is None:
+        return None
+    try:
+        ids = tokenizer("x", add_special_tokens=True)["input_ids"]
+    except Exception:  # noqa: BLE001 - a tokenizer that cannot encode a probe is not one that adds BOS
+        return None
+    return int(bos) if len(ids) > 0 and ids[0] == bos else None
+
+
+def resolve_bos(bos: bool | int | None, tokenizer: Any) -> int | None:
+    """The BOS id windows start with: ``None`` follows the tokenizer (:func:`bos_token_id`; no tokenizer, no BOS),
+    ``False`` never (the GPTQ convention), ``True`` the tokenizer's BOS token, an int that id."""
+    if bos is None:
+        return bos_token_id(tokenizer)
+    if isinstance(bos, bool):
+        if not bos:
+            return None
+        bos_id = getattr(tokenizer, "bos_token_id", None)
+        if bos_id is None:
+            raise ValueError("bos=True, but the tokenizer has no BOS token (bos_token_id is None); pass bos=ID or bos=False")
+        return int(bos_id)
+    if isinstance(bos, int) and bos >= 0:
+        return bos
+    raise ValueError(f"bos must be None (follow the tokenizer), True, False or a token id, got {bos!r}")
+
+
+def sample_windows(
+    stream: torch.Tensor, n_samples: int, seq_len: int, seed: int = 0, bos_token_id: int | None = None
+) -> torch.Tensor:
+    """``n_samples`` windows of ``seq_len`` tokens at random offsets of ``stream``.
+
+    With ``bos_token_id`` each window is that token followed by ``seq_len - 1`` consecutive
+    stream tokens (the tokenizer's convention, see the module docstring); without, ``seq_len``
+    consecutive stream tokens (GPTQ's).
+    """
     _check_positive("n_samples", n_samples)
     _check_positive("seq_len", seq_len)
+    body = seq_len if bos_token_id is None else seq_len - 1
+    if body < 1:
+        raise ValueError("seq_len must be at least 2 when windows start with BOS (BOS + at least one token)")
     n_tokens = stream.numel()
-    if n_tokens < seq_len:
+    if n_tokens < body:
         raise ValueError(
-            f"the source has only {n_tokens} tokens but one window needs seq_len={seq_len}; "
+            f"the source has only {n_tokens} tokens but one window needs seq_len={seq_len}"
+            f"{' (BOS + ' + str(body) + ' tokens)' if bos_token_id is not None else ''}; "
             "pass a longer text or a smaller seq_len"
         )
     generator = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, n_tokens - seq_len + 1, (n_samples,), generator=generator)
-    return stream.reshape(-1)[starts[:, None] + torch.arange(seq_len)]
+    starts = torch.randint(0, n_tokens - body + 1, (n_samples,), generator=generator)
+    windows = stream.reshape(-1)[starts[:, None] + torch.arange(body)]
+    if bos_token_id is None:
+        return windows
+    return torch.cat([torch.full((n_samples, 1), bos_token_id, dtype=windows.dtype), windows], dim=1)
 
 
 def get_calibration_windows(
@@ -255,13 +313,17 @@ def get_calibration_windows(
     *,
     split: str = "train",
     dataset_config: str | None = None,
+    bos: bool | int | None = None,
 ) -> torch.Tensor:
     """A ``[n_samples, seq_len]`` LongTensor of calibration windows drawn from ``source``.
 
     See :func:`load_token_stream` for the accepted sources and the module docstring
     for the conventions.  Windows may overlap (they are independent draws, as in GPTQ).
+    ``bos``: ``None`` follows the tokenizer (each window starts with BOS when
+    ``tokenizer("x")`` does), ``False`` never (GPTQ), ``True`` / an id always (:func:`resolve_bos`).
     """
     _check_positive("n_samples", n_samples)
     _check_positive("seq_len", seq_len)
+    bos_id = resolve_bos(bos, tokenizer)
     stream = load_token_stream(source, tokenizer, seed=seed, split=split, dataset_config=dataset_config)
-    return sample_windows(stream, n_samples, seq_len, seed)
+    return sample_windows(stream, n_samples, seq_len, seed, bos_token_id=bos_id)

@@ -16,9 +16,9 @@ from .loaders import EngineUnavailable, llama_cpp_perplexity, load_export
 
 
 def token_windows(data: str | os.PathLike, tokenizer: Any, seq_len: int, windows: int | None) -> torch.Tensor:
-    from wct.eval.perplexity import _as_stream
+    from wct.eval.perplexity import as_token_stream
 
-    stream = _as_stream(os.fspath(data), tokenizer)
+    stream = as_token_stream(os.fspath(data), tokenizer)
     available = stream.numel() // seq_len
     n = available if windows is None else min(windows, available)
     if n == 0:

@@ -199,7 +199,7 @@ class GPTQTarget(ExportTarget):
                 f"layer's own rank (PEFT rank_pattern), {PADDED_ADAPTER_DIR}/ one rank r={max(ranks.values())} padded "
                 "with zeros for engines that ignore rank_pattern (vLLM, SGLang); the base alone lacks them")
         report.notes.append(
-            f"checkpoint_format '{ckpt_format}'" + (" (a zero point of 0 needs v2; vLLM reads it from 0.11 on)"
+            f"checkpoint_format '{ckpt_format}'" + (" (a zero point of 0 needs v2: GPTQModel reads it; vLLM's gptq kernel has a v2 mode, older loaders do not)"
                                                      if ckpt_format == "gptq_v2" and needs_v2 else "")
             + (f"; {shifted} zero-point groups shifted by one code for v1 (decoded values unchanged)" if shifted else ""))
         if desc_act:

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import json
 import os
+import traceback
 from typing import Any
 
 from torch import nn
 
 from wct.checkpoint_io import (
+    MANIFEST,
     WCTCheckpointError,
     atomic_folder,
     interrupted_copy,
@@ -98,8 +100,9 @@ def load_quantized(path: str | os.PathLike, auto_class: Any = None, **kwargs: An
         looks_local = os.path.isabs(path) or path.startswith(".") or path.count("/") > 1  # hub ids are "org/name"
         if looks_local or interrupted_copy(path):
             raise FileNotFoundError(missing_path_message(path))
+    verified = False  # True once the manifest vouches that every file is exactly as saved
     if os.path.isdir(path):
-        verify_manifest(path)
+        verified = verify_manifest(path)
         for name in sorted(os.listdir(path)):
             if name.endswith(".safetensors"):  # before transformers opens them: errors name the file
                 read_safetensors_header(os.path.join(path, name))
@@ -141,18 +144,47 @@ def load_quantized(path: str | os.PathLike, auto_class: Any = None, **kwargs: An
             ) from e
         raise RuntimeError(_unregistered_message(path)) from e
     except (ArithmeticError, AssertionError, AttributeError, IndexError, KeyError, TypeError) as e:
-        # transformers/safetensors internals tripping over a corrupt config.json or file: name the folder
-        raise WCTCheckpointError(
-            f"{path}: loading failed inside transformers ({type(e).__name__}: {e}); config.json or the weights are "
-            "corrupt or inconsistent (or a from_pretrained argument does not fit this model) — restore the files "
-            "from a good copy or re-save the model"
-        ) from e
+        raise _internal_failure(path, e, verified) from e
     qc = getattr(model.config, "quantization_config", None)
     method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
     if expects_wct or method == QUANT_METHOD:
         if not isinstance(getattr(model, "hf_quantizer", None), WCTHfQuantizer) or not layer_specs(model):
             raise RuntimeError(_unregistered_message(path))
     return model
+
+
+def _internal_failure(path: str, e: BaseException, verified: bool) -> Exception:
+    """The error for an exception raised inside transformers, saying where it happened and what it does (not) mean.
+
+    With a verified manifest the files are byte for byte what was saved, so the failure is not corruption: it is
+    wct meeting an architecture (or a ``from_pretrained`` argument) it does not handle, and the message says so
+    instead of sending the user to restore good files.  Without one, corruption stays a possible cause.
+    """
+    where = _failure_site(e)
+    what = f"{type(e).__name__}: {e}" + (f", in {where}" if where else "")
+    if verified:
+        return RuntimeError(
+            f"{path}: the files are intact (every checksum in {MANIFEST} matches), but loading them failed inside "
+            f"transformers {transformers_version()} ({what}). This is not a corrupt checkpoint: wct does not handle "
+            "something in this architecture's loading code, or a from_pretrained argument does not fit this model. "
+            "Please report it to wct with the traceback above"
+        )
+    return WCTCheckpointError(
+        f"{path}: loading failed inside transformers {transformers_version()} ({what}); the folder has no verified "
+        f"{MANIFEST}, so config.json or the weights may be corrupt or inconsistent — restore them from a good copy or "
+        "re-save the model. If the files are known to be good, a from_pretrained argument does not fit this model, "
+        "or wct does not handle this architecture's loading code: report it with the traceback above"
+    )
+
+
+def _failure_site(e: BaseException) -> str:
+    """``file.py:line in function`` of the innermost frame outside torch (torch's ``__getattr__`` says little)."""
+    frames = traceback.extract_tb(e.__traceback__)
+    outside = [f for f in frames if f"{os.sep}torch{os.sep}" not in f.filename] or frames
+    if not outside:
+        return ""
+    f = outside[-1]
+    return f"{os.path.basename(f.filename)}:{f.lineno} in {f.name}"
 
 
 def _unregistered_message(path: str) -> str:

@@ -12,16 +12,20 @@ registered quantizer.  Importing this module registers (idempotently):
 * :class:`WCTHfQuantizer`: drops the no-``import wct`` guard, swaps the listed
   Linears for empty QuantLinear skeletons (on the meta device), checks the
   safetensors headers against them before any byte is loaded (:mod:`.validation`),
-  and validates every layer after loading.
+  keeps the model's weight initialisation away from the packed layers
+  (:func:`guard_init_weights`), and validates every layer after loading.
 """
 
 from __future__ import annotations
 
+import functools
 import os
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
@@ -99,6 +103,7 @@ class WCTHfQuantizer(HfQuantizer):
             except (ValueError, TypeError, KeyError) as e:
                 raise WCTCheckpointError(f"{where}: bad layer spec in quantization_config ({e})") from None
             set_module(model, where, q)
+        guard_init_weights(model)
         if checkpoint_files:
             for folder in sorted({os.path.dirname(os.fspath(f)) for f in checkpoint_files}):
                 verify_manifest(folder)  # a flipped bit in a packed code is a valid code: only a checksum sees it
@@ -113,6 +118,7 @@ class WCTHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any):
         """Restore buffer dtypes that ``_keep_in_fp32_modules`` may have widened, then validate every layer."""
+        unguard_init_weights(model)
         for name, spec in self.quantization_config.layers.items():
             where, module = resolve_module(model, name)
             if not isinstance(module, QuantLinear):
@@ -149,6 +155,64 @@ class WCTHfQuantizer(HfQuantizer):
     @property
     def is_qat_trainable(self) -> bool:
         return False
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# weight initialisation during the load
+# ---------------------------------------------------------------------------------------------------------------------
+_GUARD_FLAG = "_wct_packed_guard"
+
+
+def guard_init_weights(model: nn.Module) -> None:
+    """Let the model's own ``_init_weights`` run over packed layers during ``from_pretrained``.
+
+    Why: transformers 5 calls ``initialize_weights()`` on *every* module after a load and relies on its init
+    functions skipping tensors flagged ``_is_hf_initialized`` (the loaded ones).  Most ``_init_weights`` dispatch on
+    the module's class (``nn.Linear``, ``Conv1D``...), which a :class:`~wct.nn.QuantLinear` is not, so they leave it
+    alone; but some reach from a parent into a child's weight by name, e.g. GPT-2's residual scaling
+    ``init.normal_(module.c_proj.weight, ...)`` on every ``GPT2Attention`` / ``GPT2MLP``, and a QuantLinear has no
+    ``weight`` (its weight is packed buffers): ``AttributeError: 'QuantLinear' object has no attribute 'weight'``.
+    During each ``_init_weights(module)`` call, every QuantLinear under ``module`` therefore carries a ``weight``
+    placeholder: an empty meta tensor flagged ``_is_hf_initialized``, which transformers' (and the guarded
+    ``torch.nn.init``) functions skip, exactly as they skip any loaded weight.  The placeholder exists only during
+    that call; :func:`unguard_init_weights` (after loading) removes the wrappers.
+    """
+    for sub in model.modules():
+        if isinstance(sub, PreTrainedModel) and not getattr(vars(sub).get("_init_weights"), _GUARD_FLAG, False):
+            sub._init_weights = _guarded_init(sub._init_weights)
+
+
+def unguard_init_weights(model: nn.Module) -> None:
+    """Remove the wrappers of :func:`guard_init_weights` (the model's class methods apply again)."""
+    for sub in model.modules():
+        if getattr(vars(sub).get("_init_weights"), _GUARD_FLAG, False):
+            del sub._init_weights
+
+
+def _guarded_init(init_weights):
+    @functools.wraps(init_weights)
+    def _init_weights(module: nn.Module) -> None:
+        with _packed_weight_placeholders(module):
+            init_weights(module)
+
+    setattr(_init_weights, _GUARD_FLAG, True)
+    return _init_weights
+
+
+@contextmanager
+def _packed_weight_placeholders(module: nn.Module) -> Iterator[None]:
+    added = []
+    for q in module.modules():
+        if isinstance(q, QuantLinear) and not hasattr(q, "weight"):
+            placeholder = torch.empty(0, device="meta")
+            placeholder._is_hf_initialized = True  # transformers.initialization's functions leave it alone
+            object.__setattr__(q, "weight", placeholder)
+            added.append(q)
+    try:
+        yield
+    finally:
+        for q in added:
+            vars(q).pop("weight", None)
 
 
 def _register_all() -> None:

@@ -17,14 +17,23 @@
    ``adapter_config.json``) would need it again.  Instead ``LoraConfig.__post_init__``
    is wrapped once to register ``{QuantLinear: QuantLoraLinear}`` on every new
    config; a user's own ``_register_custom_module`` call still wins.
-3. **"all-linear" sees QuantLinear.**  PEFT expands ``"all-linear"`` to
-   ``nn.Linear``/``Conv1D`` only.  The expansion needs the model, which a config's
-   ``__post_init__`` does not have, so the patch point is ``LoraModel._prepare_model``
-   (called with both the config and the model, right before PEFT's own expansion):
-   it runs PEFT's expansion itself and adds every ``QuantLinear`` except the output
-   embedding (``lm_head`` stays excluded, as in PEFT).  Patching LoRA only is
-   deliberate: other PEFT methods (LoHa, VeRA, ...) cannot wrap a QuantLinear, so
-   for them "all-linear" must keep meaning ``nn.Linear``.
+3. **LoRA targets over a packed model** (:mod:`wct.tuners.targets`).  PEFT resolves LoRA targets in two places
+   that do not know ``QuantLinear``: for transformers 5 MoE models (Mixtral, the Qwen2-MoE family: Qwen3-MoE,
+   OLMoE, DeepSeek …) ``convert_peft_config_for_transformers`` runs first in ``inject_adapter`` and rewrites
+   ``"all-linear"`` and expert names into ``target_parameters`` on the fused 3-D expert weights (which a packed
+   model no longer has) and the router; later ``_maybe_include_all_linear_layers`` expands ``"all-linear"`` to
+   ``nn.Linear``/``Conv1D`` only.  Both would leave every packed layer without LoRA.  So the conversion function
+   is wrapped (PEFT imports it at call time from ``peft.utils.transformers_weight_conversion``): on a model with
+   packed layers, :func:`resolve_lora_targets` first turns ``"all-linear"`` into the names of every packed layer
+   (every expert's included; the output embedding excepted, as in PEFT) plus the dense ``nn.Linear`` layers PEFT
+   would pick, MoE routers excepted; a target naming a packed experts container becomes its expert layers.  The
+   packed names bypass the conversion; every other target goes through it unchanged.  ``LoraModel._prepare_model``
+   runs the same resolution for models the conversion skips (not transformers, or not MoE).  Patching LoRA only is
+   deliberate: other PEFT methods (LoHa, VeRA, ...) cannot wrap a QuantLinear, so for them "all-linear" keeps
+   meaning ``nn.Linear``.
+4. **Models without a single ``nn.Parameter``** (every weight packed, the rest stored as buffers): PEFT 0.22's LoRA
+   asks ``next(model.parameters()).device`` before it creates the first adapter and gets ``StopIteration``.
+   ``get_device_map`` as LoRA's model module sees it falls back to the buffers' device.
 
 :func:`load_adapter` is the checked way to load an adapter directory: it
 registers first (a bare ``PeftModel.from_pretrained`` without ``import wct`` dies
@@ -42,7 +51,9 @@ import json
 import os
 from typing import Any
 
-from peft import LoraConfig, PeftModel, mapping
+import torch
+from peft import LoraConfig, PeftModel, PeftType, mapping
+from peft.tuners.lora import model as lora_model_module
 from peft.tuners.lora.model import LoraModel
 from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
 from torch import nn
@@ -50,7 +61,22 @@ from torch import nn
 from wct.checkpoint_io import verify_manifest
 from wct.nn import QuantLinear
 from wct.tuners.lora import QuantLoraLinear
+from wct.tuners.targets import (
+    ALL_LINEAR,
+    is_packed,
+    is_router,
+    name_suffixes,
+    packed_containers,
+    packed_target_names,
+    resolve_targets,
+)
 from wct.tuners.wct import WCT_PEFT_TYPE, WCT_PREFIX, WCT_STORED_PEFT_TYPE, WCTConfig, WCTModel, quant_linear_layers
+
+try:  # PEFT >= 0.19 with transformers 5: the v4 -> v5 MoE config conversion
+    from peft.utils import transformers_weight_conversion as twc
+except ImportError:  # pragma: no cover - older PEFT has no conversion to step around
+    twc = None
+
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -61,7 +87,8 @@ _MARK = "_wct_patched"
 # registration
 # ---------------------------------------------------------------------------------------------------------------------
 def register_wct_peft() -> None:
-    """Make PEFT know WCT, dispatch LoRA to ``QuantLoraLinear`` and expand "all-linear" to QuantLinear. Idempotent."""
+    """Make PEFT know WCT, dispatch LoRA to ``QuantLoraLinear``, resolve LoRA targets over packed layers (experts
+    included) and let LoRA inject into a model without parameters. Idempotent."""
     mapping.PEFT_TYPE_TO_CONFIG_MAPPING[WCT_PEFT_TYPE] = WCTConfig
     # what adapter_config.json says since wct stores a peft_type that names the fix; the config is "WCT" again once read
     mapping.PEFT_TYPE_TO_CONFIG_MAPPING[WCT_STORED_PEFT_TYPE] = WCTConfig
@@ -70,6 +97,8 @@ def register_wct_peft() -> None:
     # PEFT_TYPE_TO_MIXED_MODEL_MAPPING is left alone: PeftMixedModel hard-codes its compatible types
     _patch_lora_config()
     _patch_lora_all_linear()
+    _patch_moe_config_conversion()
+    _patch_device_map()
 
 
 def is_registered() -> bool:
@@ -78,6 +107,8 @@ def is_registered() -> bool:
         and mapping.PEFT_TYPE_TO_CONFIG_MAPPING.get(WCT_STORED_PEFT_TYPE) is WCTConfig
         and getattr(LoraConfig.__post_init__, _MARK, False)
         and getattr(LoraModel._prepare_model, _MARK, False)
+        and (twc is None or getattr(twc.convert_peft_config_for_transformers, _MARK, False))
+        and getattr(lora_model_module.get_device_map, _MARK, False)
     )
 
 
@@ -102,6 +133,54 @@ def quant_linear_names(model: nn.Module) -> set[str]:
     return set(quant_linear_layers(model))
 
 
+def lora_all_linear_names(model: nn.Module, peft_config: LoraConfig | None = None) -> set[str]:
+    """What ``"all-linear"`` means for LoRA on a model with packed layers: every packed layer (experts included)
+    except the output embedding, and every dense ``nn.Linear``/``Conv1D`` PEFT would pick, MoE routers excepted."""
+    probe = copy.copy(peft_config) if peft_config is not None else LoraConfig()
+    probe.target_modules = ALL_LINEAR
+    dense = _maybe_include_all_linear_layers(probe, model).target_modules
+    names = set(dense) | packed_target_names(model)
+    return {n for n in names if not is_router(n, model.get_submodule(n))}
+
+
+def _is_lora(peft_config: Any) -> bool:
+    return getattr(peft_config, "peft_type", None) == PeftType.LORA
+
+
+def _has_packed(model: nn.Module) -> bool:
+    return any(is_packed(m) for m in model.modules())
+
+
+def resolve_lora_targets(peft_config: LoraConfig, model: nn.Module) -> bool:
+    """Rewrite a LoRA config's ``target_modules`` for a model with packed layers (see the module docstring)."""
+    if not _is_lora(peft_config) or not _has_packed(model):
+        return False
+    return resolve_targets(peft_config, model, lambda m: lora_all_linear_names(m, peft_config))
+
+
+def refuse_packed_target_parameters(peft_config: LoraConfig, model: nn.Module) -> None:
+    """``target_parameters`` that name fused expert weights wct has packed would match nothing (PEFT only warns, and
+    LoRA trains without the experts): a clear error that names the targets to use instead."""
+    wanted = getattr(peft_config, "target_parameters", None)
+    if not _is_lora(peft_config) or not wanted:
+        return
+    containers = packed_containers(model)
+    if not containers:
+        return
+    params = [n for n, _ in model.named_parameters()]
+    for target in wanted:
+        hits = [n for n in containers if n == target or n.endswith("." + target)]
+        if hits and not any(p == target or p.endswith("." + target) for p in params):
+            leaf = hits[0].rsplit(".", 1)[-1]
+            raise ValueError(
+                f"target_parameters={sorted(wanted)!r} (set directly, or rewritten by PEFT from transformers-4 expert "
+                f"names such as w1/w2/w3): {target!r} names fused expert weights, which wct packed into one "
+                f"QuantLinear per expert ({containers[hits[0]][0]}, ...), so no such parameter exists. For LoRA over "
+                f"the packed experts use target_modules=[{leaf!r}] (every expert's {leaf}) or 'all-linear', and leave "
+                "target_parameters unset"
+            )
+
+
 def _patch_lora_all_linear() -> None:
     original = LoraModel._prepare_model
     if getattr(original, _MARK, False):
@@ -109,16 +188,61 @@ def _patch_lora_all_linear() -> None:
 
     @functools.wraps(original)
     def _prepare_model(self: LoraModel, peft_config: LoraConfig, model: nn.Module):
-        tm = getattr(peft_config, "target_modules", None)
-        if isinstance(tm, str) and tm.lower() == "all-linear":
-            quant = quant_linear_names(model)
-            if quant:
-                dense = _maybe_include_all_linear_layers(copy.copy(peft_config), model).target_modules
-                peft_config.target_modules = set(dense) | quant
+        resolve_lora_targets(peft_config, model)
+        refuse_packed_target_parameters(peft_config, model)
         return original(self, peft_config, model)
 
     setattr(_prepare_model, _MARK, True)
     LoraModel._prepare_model = _prepare_model
+
+
+def _patch_moe_config_conversion() -> None:
+    if twc is None:
+        return
+    original = twc.convert_peft_config_for_transformers
+    if getattr(original, _MARK, False):
+        return
+
+    @functools.wraps(original)
+    def convert_peft_config_for_transformers(peft_config: Any, model: nn.Module, *args: Any, **kwargs: Any) -> None:
+        resolve_lora_targets(peft_config, model)
+        refuse_packed_target_parameters(peft_config, model)
+        tm = getattr(peft_config, "target_modules", None)
+        if not _is_lora(peft_config) or not isinstance(tm, (set, list, tuple)):
+            return original(peft_config, model, *args, **kwargs)
+        layers = name_suffixes(packed_target_names(model, include_output_embedding=True))
+        packed = {e for e in tm if e in layers}  # entries that name packed layers: never turned into fused parameters
+        rest = set(tm) - packed
+        if not packed:
+            original(peft_config, model, *args, **kwargs)
+            refuse_packed_target_parameters(peft_config, model)  # v4 expert names (w1, w2 ...) rewritten by PEFT
+            return None
+        if rest:
+            peft_config.target_modules = rest
+            original(peft_config, model, *args, **kwargs)
+            rest = set(peft_config.target_modules or ())
+        peft_config.target_modules = packed | rest
+        refuse_packed_target_parameters(peft_config, model)
+        return None
+
+    setattr(convert_peft_config_for_transformers, _MARK, True)
+    twc.convert_peft_config_for_transformers = convert_peft_config_for_transformers
+
+
+def _patch_device_map() -> None:
+    original = lora_model_module.get_device_map
+    if getattr(original, _MARK, False):
+        return
+
+    @functools.wraps(original)
+    def get_device_map(model: nn.Module) -> dict:
+        if hasattr(model, "hf_device_map") or next(model.parameters(), None) is not None:
+            return original(model)
+        buffer = next(model.buffers(), None)  # every weight packed or stored as a buffer
+        return {"": buffer.device if buffer is not None else torch.device("cpu")}
+
+    setattr(get_device_map, _MARK, True)
+    lora_model_module.get_device_map = get_device_map
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -222,4 +346,7 @@ def load_adapter(
     return peft_model
 
 
-__all__ = ["is_registered", "load_adapter", "quant_linear_names", "register_wct_peft"]
+__all__ = [
+    "is_registered", "load_adapter", "lora_all_linear_names", "quant_linear_names", "refuse_packed_target_parameters",
+    "register_wct_peft", "resolve_lora_targets",
+]

@@ -96,14 +96,15 @@ QuantArguments = make_dataclass(
 
 
 def _calibration(qargs: QuantArguments, tok, train_records: list[dict] | None):
-    from wct.data import get_calibration_windows, records_to_stream, sample_windows
+    from wct.data import bos_token_id, get_calibration_windows, records_to_stream, sample_windows
 
     if qargs.calib:
         return get_calibration_windows(qargs.calib, tok, n_samples=qargs.calib_samples, seq_len=qargs.calib_seq_len)
     if not train_records:
         raise ValueError("no calibration data: pass --calib FILE or a training dataset")
     stream = records_to_stream(train_records, tok, seed=0, progress=False)
-    return sample_windows(stream, qargs.calib_samples, min(qargs.calib_seq_len, stream.numel() // 2), seed=0)
+    return sample_windows(stream, qargs.calib_samples, min(qargs.calib_seq_len, stream.numel() // 2), seed=0,
+                          bos_token_id=bos_token_id(tok))  # the tokenizer's convention (docs/methods.md)
 
 
 @contextmanager

@@ -64,6 +64,8 @@ class QuantLinear(nn.Module):
         odt = _OUTLIER_DTYPES[outlier_dtype]
         base = fmt.empty((out_features, in_features - n_weak), device=device or "cpu")
         self._base_names = tuple(base.data)
+        # the custom op's description of the packed base, built here: json is not traceable by torch.compile
+        self._layout = layout_of(fmt, self._base_names, base.shape, in_features, out_features)
         for name, t in base.data.items():
             self.register_buffer(name, t)
         if n_weak:
@@ -227,13 +229,6 @@ class QuantLinear(nn.Module):
             self.sp_rowptr if self.nnz else None, self.sp_cols if self.nnz else None, sparse_values, self.bias,
         )
 
-    @property
-    def _layout(self) -> str:
-        """The op's description of the packed base (format, buffer names, shapes), built once."""
-        layout = self.__dict__.get("_layout_cache")
-        if layout is None:
-            layout = self.__dict__["_layout_cache"] = layout_of(self.quantized_base(), self.in_features, self.out_features)
-        return layout
 
     @torch.no_grad()
     def dequantize_weight(

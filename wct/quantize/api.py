@@ -101,6 +101,21 @@ def _refuse_dense_block_weights(model: nn.Module, config: QuantConfig) -> None:
             "them in skip_modules")
 
 
+def _adapter_parts(root: nn.Module) -> set[str]:
+    """The adapter side of PEFT tuner layers (``….q_proj.lora_A``, ``….wct_col_values``: every child beside
+    ``base_layer``): trained next to the base model, not weights of it."""
+    out = set()
+    for name, mod in root.named_modules():
+        if isinstance(getattr(mod, "base_layer", None), nn.Module) and callable(getattr(mod, "get_base_layer", None)):
+            out.update(f"{name}.{child}" if name else child for child, _ in mod.named_children() if child != "base_layer")
+    return out
+
+
+def _inside(name: str, parts: set[str]) -> bool:
+    pieces = name.split(".")
+    return any(".".join(pieces[:i]) in parts for i in range(1, len(pieces) + 1))
+
+
 def model_bits(model: nn.Module) -> dict[str, float]:
     """Bits per weight over every weight matrix of the decoder blocks (packed or not) and any packed layer outside
     them (e.g. ``lm_head``), with the share held packed.
@@ -115,8 +130,9 @@ def model_bits(model: nn.Module) -> dict[str, float]:
         numel += m.in_features * m.out_features
     dense_bytes = dense_numel = 0
     block_name, blocks = find_blocks(model)
-    for mod in blocks.modules():
-        if isinstance(mod, QuantLinear):
+    adapters = _adapter_parts(blocks)
+    for name, mod in blocks.named_modules():
+        if isinstance(mod, QuantLinear) or (adapters and _inside(name, adapters)):
             continue
         for p in mod.parameters(recurse=False):
             if p.dim() >= 2:

@@ -60,7 +60,10 @@ class WCTConfig(PeftConfig):
     Args:
         target_modules: which ``QuantLinear`` layers to tune. ``"all-linear"`` (default)
             means every ``QuantLinear`` except the output embedding (as PEFT does for
-            LoRA); otherwise a list of names/suffixes or a regex, as in PEFT.
+            LoRA), every expert of a packed MoE block included; otherwise a list of
+            names/suffixes or a regex, as in PEFT. A name that reaches a packed experts
+            container (``"down_proj"`` matches ``experts.down_proj``, ``"experts"`` the
+            whole ``QuantExperts``) means every expert layer in it.
         exclude_modules: names/suffixes or a regex of modules to leave alone.
         trainable: ``"weak_columns"`` (the ``[out, k]`` 16-bit columns), ``"outliers"``
             (the sparse 16-bit values) or ``"all"``. Layers that hold none of the chosen
@@ -80,6 +83,22 @@ class WCTConfig(PeftConfig):
             outlier indices, not the trainable values). Filled when the adapter is
             created; checked when it is loaded. Set it to ``None`` to reuse a config on
             a new base on purpose.
+        init_weights: ``True`` (default): the trainable values start at the values the
+            base stores, so the adapter changes nothing until trained. ``False``: they
+            start perturbed (Gaussian noise of 10% of each layer's RMS value), PEFT's
+            convention for an adapter that is not a no-op (tests, debugging). PEFT's own
+            tools pass this field to every tuner.
+        layers_to_transform: only tune the layers with these indices (an int or a list),
+            as in PEFT; with ``"all-linear"`` too (PEFT's LoRA refuses that pairing).
+        layers_pattern: the name of the layer list (``"layers"``, ``"h"``) when the index
+            should be read after it; needs ``layers_to_transform``.
+        target_parameters: PEFT's LoRA-only targeting of raw ``nn.Parameter`` s (such as
+            unquantized fused MoE experts). WCT tunes packed layers only, so it must stay
+            unset: fused experts are packed by ``wct.quantize_model`` (one ``QuantLinear``
+            per expert) and are then ordinary WCT targets.
+        trainable_token_indices: as in PEFT (handled by PEFT's generic tuner code): train
+            only these rows of the (dense) input embedding, e.g. new tokens; TRL sets it
+            when it adds tokens.
         adapter_dtype: dtype of the trainable values. ``"float32"`` (default) keeps
             master copies of values that are *stored* in 16-bit: Adam updates of
             ``lr · 1e-3`` relative size vanish in fp16/bf16 arithmetic. The cost is
@@ -112,9 +131,37 @@ class WCTConfig(PeftConfig):
         default=None, metadata={"help": "sha256 of the packed base this adapter was trained on (filled automatically)."}
     )
     adapter_dtype: str = field(default="float32", metadata={"help": "dtype of the trainable values."})
+    init_weights: bool = field(
+        default=True,
+        metadata={"help": "True: start at the stored values (a no-op adapter); False: start perturbed (tests)."},
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Only tune the layers with these indices."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Name of the layer list the index follows ('layers', 'h'); with layers_to_transform."}
+    )
+    target_parameters: Optional[list[str]] = field(
+        default=None, metadata={"help": "Not used by WCT (LoRA over raw nn.Parameters); must stay unset."}
+    )
+    trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = field(
+        default=None, metadata={"help": "Train only these rows of the input embedding (PEFT's generic option)."}
+    )
 
     def __post_init__(self) -> None:
+        layers = self.layers_to_transform
+        all_linear = isinstance(self.target_modules, str) and self.target_modules.lower() == ALL_LINEAR
+        if isinstance(self.target_modules, str) and not all_linear and layers is not None:
+            raise ValueError(
+                "layers_to_transform cannot be used with a regex target_modules (as in PEFT): put the layer index in "
+                "the regex, or use a list of names or 'all-linear'"
+            )
+        if all_linear:
+            # PeftConfig refuses layers_to_transform with any str target, because PEFT would ignore it; WCT resolves
+            # "all-linear" itself and applies the filter (wct.tuners.targets), so the pair is valid here
+            self.layers_to_transform = None
         super().__post_init__()
+        self.layers_to_transform = layers
         # also re-applied when a config is read back from adapter_config.json (a plain "WCT")
         self.peft_type = WCT_PEFT_TYPE
         if self.trainable not in TRAINABLE:
@@ -136,6 +183,20 @@ class WCTConfig(PeftConfig):
                 "Call wct.tuners.wct.create_weak_columns(model, k, calibration=...) before get_peft_model "
                 "(and leave create_columns=0), or use create_score='weight'"
             )
+        if not isinstance(self.init_weights, bool):
+            raise ValueError(
+                f"init_weights must be True (start at the stored values) or False (start perturbed), got "
+                f"{self.init_weights!r}; WCT has no data-driven initialisation"
+            )
+        if self.target_parameters:
+            raise ValueError(
+                f"target_parameters={self.target_parameters!r}: WCT tunes the 16-bit parts of packed QuantLinear layers "
+                "and has no form for raw nn.Parameters. Fused MoE experts are packed by wct.quantize_model (one "
+                "QuantLinear per expert, e.g. 'experts.down_proj.0') and are then WCT targets like any other layer: "
+                "use target_modules (the default 'all-linear' includes them)"
+            )
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("layers_pattern needs layers_to_transform (the layer indices to tune)")
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):

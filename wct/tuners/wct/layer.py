@@ -54,6 +54,17 @@ def _stored_rounding(values: torch.Tensor, storage: torch.dtype) -> torch.Tensor
     return values + (values.to(storage).to(values.dtype) - values).detach()
 
 
+def _initial(stored: torch.Tensor, dtype: torch.dtype, init_weights: bool) -> torch.Tensor:
+    """The adapter's starting values: the stored ones, or (``init_weights=False``) those plus 10%-of-RMS noise."""
+    values = stored.to(dtype).clone()
+    if init_weights is False:
+        ref = stored.detach().float()
+        scale = 0.1 * float(ref.pow(2).mean().sqrt()) if ref.numel() else 0.0
+        with torch.no_grad():
+            values += (torch.randn(ref.shape, device=ref.device) * scale).to(dtype)
+    return values
+
+
 class WCTLayer(nn.Module, BaseTunerLayer):
     """Wraps one ``QuantLinear``; one entry per adapter name in each container."""
 
@@ -61,7 +72,7 @@ class WCTLayer(nn.Module, BaseTunerLayer):
     other_param_names = tuple(_INDEX_BUFFERS)
 
     def __init__(self, base_layer: QuantLinear, adapter_name: str, trainable: str = "weak_columns",
-                 adapter_dtype: str = "float32", **kwargs: Any) -> None:
+                 adapter_dtype: str = "float32", init_weights: bool = True, **kwargs: Any) -> None:
         super().__init__()
         if not isinstance(base_layer, QuantLinear):
             raise TypeError(f"WCTLayer wraps wct QuantLinear layers, got {type(base_layer).__name__}")
@@ -79,8 +90,9 @@ class WCTLayer(nn.Module, BaseTunerLayer):
         self._disable_adapters = False
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self._active_adapter = adapter_name
+        self.created_columns = 0  # weak columns split out of the base when this layer was made (create_columns)
         self.register_load_state_dict_pre_hook(_check_loaded_indices)
-        self.update_layer(adapter_name, trainable, adapter_dtype)
+        self.update_layer(adapter_name, trainable, adapter_dtype, init_weights=init_weights)
 
     @staticmethod
     def _copy(layer: QuantLinear, name: str) -> Optional[torch.Tensor]:
@@ -88,8 +100,12 @@ class WCTLayer(nn.Module, BaseTunerLayer):
         return None if t is None else t.detach().clone()
 
     # --- adapters --------------------------------------------------------------------------------------------------
-    def update_layer(self, adapter_name: str, trainable: str, adapter_dtype: str = "float32", **kwargs: Any) -> None:
-        """Add adapter ``adapter_name``: trainable copies of the chosen outlier values, plus their indices."""
+    def update_layer(self, adapter_name: str, trainable: str, adapter_dtype: str = "float32", init_weights: bool = True,
+                     **kwargs: Any) -> None:
+        """Add adapter ``adapter_name``: trainable copies of the chosen outlier values, plus their indices.
+
+        ``init_weights=False`` perturbs the copies (PEFT's convention for a non-trivial adapter, see ``WCTConfig``).
+        """
         base = self.get_base_layer()
         dtype = getattr(torch, adapter_dtype)
         cols, sparse = trains_columns(base, trainable), trains_sparse(base, trainable)
@@ -99,10 +115,10 @@ class WCTLayer(nn.Module, BaseTunerLayer):
                 f"{base.nnz} sparse outliers"
             )
         if cols:
-            self.wct_col_values[adapter_name] = nn.Parameter(self.wct_original_cols.to(dtype).clone())
+            self.wct_col_values[adapter_name] = nn.Parameter(_initial(self.wct_original_cols, dtype, init_weights))
             self.wct_col_idx[adapter_name] = base.col_idx.detach().clone()
         if sparse:
-            self.wct_sparse_values[adapter_name] = nn.Parameter(self.wct_original_sparse.to(dtype).clone())
+            self.wct_sparse_values[adapter_name] = nn.Parameter(_initial(self.wct_original_sparse, dtype, init_weights))
             self.wct_sp_rowptr[adapter_name] = base.sp_rowptr.detach().clone()
             self.wct_sp_cols[adapter_name] = base.sp_cols.detach().clone()
         self.set_adapter(self.active_adapters)

@@ -4,11 +4,25 @@ Most of the work is PEFT's generic ``BaseTuner`` (matching, trainable marking,
 saving everything on a tuner layer except ``base_layer``, unloading).  What is
 specific to WCT:
 
-* ``"all-linear"`` means every ``QuantLinear`` except the output embedding
-  (PEFT's own expansion only sees ``nn.Linear``);
+* ``"all-linear"`` means every ``QuantLinear`` except the output embedding, every
+  packed expert included (PEFT's own expansion only sees ``nn.Linear``); a target
+  naming a packed experts container means its expert layers; ``layers_to_transform``
+  applies to all of these (:func:`wct.tuners.targets.resolve_targets`);
 * the base fingerprint is recorded when an adapter is created and checked when
   one is loaded (:func:`base_fingerprint`);
-* ``create_columns`` splits weak columns out of bases that have none.
+* ``create_columns`` splits weak columns out of bases that have none.  The split
+  base is the base the adapter sits on: ``disable_adapter`` and ``unload`` give it
+  back, which is the original packed model exactly for per-channel integer formats
+  and up to one requantization of the remaining weights otherwise (group-wise and
+  codebook blocks realign, see :mod:`.create`).  Keeping the unsplit layers to undo
+  that would hold a second packed copy of the model.  Adapters on one base share its
+  columns, so a further adapter asking for a different ``create_columns`` is refused.
+
+The standard PEFT operations (several adapters, ``set_adapter``, ``delete_adapter``,
+``disable_adapter``, save/load, ``merge_adapter``/``unmerge_adapter``, ``unload``,
+``merge_and_unload(safe_merge=True)``) all work; merging is exact and idempotent.
+Only one WCT adapter can be active or merged at a time, because WCT values replace
+the stored values rather than add to them (a clear ``ValueError`` otherwise).
 
 Also here: :func:`prepare_for_training`, the ``prepare_model_for_kbit_training``
 counterpart for wct models.
@@ -27,6 +41,7 @@ from torch import nn
 
 from wct.nn import QuantLinear
 
+from ..targets import resolve_targets
 from .config import ALL_LINEAR, WCT_PREFIX, WCTConfig
 from .create import column_scores, output_embedding, pick_columns, record_layer_spec, split_weak_columns
 from .layer import WCTLayer, trains_columns, trains_sparse
@@ -113,9 +128,7 @@ class WCTModel(BaseTuner):
 
     def _prepare_model(self, peft_config: WCTConfig, model: nn.Module) -> None:
         """Resolve "all-linear", check there is something to train, and record/verify the base fingerprint."""
-        tm = peft_config.target_modules
-        if isinstance(tm, str) and tm.lower() == ALL_LINEAR:
-            peft_config.target_modules = set(quant_linear_layers(model))
+        resolve_targets(peft_config, model, quant_linear_layers)
         targets = _targets(peft_config, model)
         if not targets:
             raise ValueError(
@@ -159,10 +172,19 @@ class WCTModel(BaseTuner):
         **kwargs: Any,
     ) -> None:
         trainable = peft_config.trainable
+        init = peft_config.init_weights
         if isinstance(target, WCTLayer):
             base = target.get_base_layer()
+            want = min(peft_config.create_columns, base.in_features - 1)
+            if target.created_columns and want and want != target.created_columns and trainable != "outliers":
+                raise ValueError(
+                    f"{current_key}: an adapter on this base created {target.created_columns} weak columns, and "
+                    f"create_columns={peft_config.create_columns} asks for {want}. Adapters on one base share its "
+                    "columns: use the same create_columns, or split the columns once with "
+                    "wct.tuners.wct.create_weak_columns(model, k) before get_peft_model"
+                )
             if trains_columns(base, trainable) or trains_sparse(base, trainable):
-                target.update_layer(adapter_name, trainable, peft_config.adapter_dtype)
+                target.update_layer(adapter_name, trainable, peft_config.adapter_dtype, init_weights=init)
             return
         if isinstance(target, BaseTunerLayer):
             raise TypeError(f"{current_key} is already a {type(target).__name__}; WCT cannot stack on another tuner")
@@ -172,15 +194,17 @@ class WCTModel(BaseTuner):
                 f"({type(target).__name__}); narrow target_modules or use exclude_modules"
             )
         base = target
+        created = 0
         if peft_config.create_columns and base.n_weak == 0 and trainable in ("weak_columns", "all"):
-            k = min(peft_config.create_columns, base.in_features - 1)
-            cols = pick_columns(column_scores(base, peft_config.create_score), k)
+            created = min(peft_config.create_columns, base.in_features - 1)
+            cols = pick_columns(column_scores(base, peft_config.create_score), created)
             base = split_weak_columns(base, cols)
             record_layer_spec(self.model, current_key, base)
         if not (trains_columns(base, trainable) or trains_sparse(base, trainable)):
             log.debug("wct: %s holds nothing to train for trainable=%r; left unwrapped", current_key, trainable)
             return
-        new = WCTLayer(base, adapter_name, trainable=trainable, adapter_dtype=peft_config.adapter_dtype)
+        new = WCTLayer(base, adapter_name, trainable=trainable, adapter_dtype=peft_config.adapter_dtype, init_weights=init)
+        new.created_columns = created
         if adapter_name not in self.active_adapters:
             new.requires_grad_(False)  # adding a further adapter: not trainable until set_adapter
         self._replace_module(parent, target_name, new, base)
