@@ -128,6 +128,28 @@ def test_only_the_input_and_outlier_values_get_gradients():
     assert all(b.grad is None for b in layer.buffers())
 
 
+@pytest.mark.parametrize("lead", [(3,), (2, 3), (2, 1, 3)])
+def test_output_takes_in_place_ops_in_training(lead):
+    """The op's output is no view of anything (issue 18: Falcon's ``mlp_output += attention_output`` raised
+    "is a view and is being modified inplace"); gradients after the in-place add equal the out-of-place ones."""
+    layer = _layer("int4", group_size=32, partial_groups=True)
+    x = torch.randn(*lead, 64, requires_grad=True)
+    cv = layer.col_values.float().requires_grad_()
+    other = torch.randn(*lead, 24)
+    grads = []
+    for inplace in (False, True):
+        y = layer(x, col_values=cv, sparse_values=layer.sp_values)
+        if inplace:
+            y += other
+        else:
+            y = y + other
+        x.grad = cv.grad = None
+        (y * torch.arange(24.0)).sum().backward()
+        grads.append((x.grad.clone(), cv.grad.clone()))
+    for got, want in zip(grads[1], grads[0]):
+        torch.testing.assert_close(got, want)
+
+
 # =========================================================================== torch.compile
 def _quantized(method: str, layers: int = 2) -> torch.nn.Module:
     cfg = {"owq": QuantConfig(method="owq", wbits=4, target_bits=4.25),
@@ -194,3 +216,19 @@ def test_wct_training_step_on_sparse_outliers_compiles_fullgraph():
 def test_wct_training_step_compiles_fullgraph_inductor():
     """The real compiler: Inductor generates CPU code around the opaque op; one step equals eager."""
     _check_step_matches_eager(_quantized("owq", layers=1), "weak_columns", "inductor")
+
+
+def test_derived_indices_are_cached_per_buffer_and_follow_in_place_changes():
+    """Kept columns and sparse rows are built once per buffer (a host sync each on a GPU), and rebuilt after
+    the buffer changes in place (``load_state_dict`` into the same tensors)."""
+    from wct.kernels import autograd as ka
+    from wct.outliers import keep_index
+
+    layer = _layer("int4", group_size=32, partial_groups=True)
+    args = ([getattr(layer, n) for n in layer._base_names], layer._layout, layer.col_idx, layer.sp_rowptr, layer.sp_cols)
+    first, second = ka._packed(*args), ka._packed(*args)
+    assert second.keep is first.keep and second.sparse_rows is first.sparse_rows
+    layer.col_idx.copy_(torch.tensor([5, 40], dtype=layer.col_idx.dtype))
+    third = ka._packed(*args)
+    assert torch.equal(third.keep, keep_index(64, torch.tensor([5, 40]))) and third.keep is not first.keep
+    assert torch.equal(third.col_idx, torch.tensor([5, 40]))

@@ -28,6 +28,7 @@ import os
 from typing import Optional
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from wct.formats import QuantizedTensor, get_format
 from wct.outliers import keep_index
@@ -87,13 +88,33 @@ def _packed(base: list[torch.Tensor], layout: str, col_idx: Optional[torch.Tenso
         raise ValueError(f"layout names {len(names)} packed buffers {names}, got {len(base)} tensors")
     pw = PackedWeight(QuantizedTensor(fmt, shape, dict(zip(names, base))), n_in, n_out)
     if col_idx is not None:
-        pw.col_idx = col_idx.long()
-        pw.keep = keep_index(n_in, col_idx)
+        pw.col_idx, pw.keep = _derived(col_idx, ("cols", n_in), lambda: (col_idx.long(), keep_index(n_in, col_idx)))
     if sp_rowptr is not None:
-        pw.sparse_rowptr = sp_rowptr.long()
-        pw.sparse_rows = _rows(pw.sparse_rowptr, n_out)
-        pw.sparse_cols = sp_cols.long()
+        pw.sparse_rowptr, pw.sparse_rows = _derived(sp_rowptr, ("rows", n_out),
+                                                    lambda: (sp_rowptr.long(), _rows(sp_rowptr.long(), n_out)))
+        pw.sparse_cols = _derived(sp_cols, ("cols64",), lambda: (sp_cols.long(),))[0]
     return pw
+
+
+_DERIVED = WeakIdKeyDictionary()
+
+
+def _derived(src: torch.Tensor, what: tuple, build) -> tuple:
+    """Index vectors derived from a frozen buffer, cached per buffer until it changes in place.
+
+    Building them costs a host synchronisation on a GPU (``nonzero``, ``repeat_interleave``: sizes
+    known only from the data), once per layer and call otherwise.  Keyed weakly on the buffer, checked
+    against its version counter (a ``load_state_dict`` into the same buffer rebuilds them).
+    """
+    entry = _DERIVED.get(src)
+    if entry is not None and entry[0] == src._version and what in entry[1]:
+        return entry[1][what]
+    if entry is None or entry[0] != src._version:
+        entry = (src._version, {})
+        _DERIVED[src] = entry
+    with torch.inference_mode(False):  # never cache inference tensors (see torch_backend._outside_inference_mode)
+        entry[1][what] = tuple(build())
+    return entry[1][what]
 
 
 def _rows(rowptr: torch.Tensor, n_out: int) -> torch.Tensor:
@@ -116,15 +137,22 @@ def _quant_linear_op(
     col_values: Optional[torch.Tensor], sp_rowptr: Optional[torch.Tensor], sp_cols: Optional[torch.Tensor],
     sparse_values: Optional[torch.Tensor],
 ) -> torch.Tensor:
-    """``x [..., in] -> [..., out]`` in ``x``'s dtype (no bias)."""
+    """``x [tokens, in] -> [tokens, out]`` in ``x``'s dtype (no bias).
+
+    Two-dimensional on purpose: the leading dimensions are folded and unfolded *outside* the op
+    (:func:`quant_linear_raw`), by aten views autograd knows.  A reshape in here would return a view
+    created inside a custom autograd function, and in-place ops on it (Falcon's
+    ``mlp_output += attention_output``) are then forbidden.  The output must never alias anything:
+    the copy below is only taken if a backend ever hands back a view.
+    """
     packed = _packed(base, layout, col_idx, sp_rowptr, sp_cols)
-    y = _backend(x).forward(packed, x.reshape(-1, x.shape[-1]), col_values, sparse_values)
-    return y.reshape(*x.shape[:-1], packed.out_features)
+    y = _backend(x).forward(packed, x, col_values, sparse_values)
+    return y if y._base is None else y.clone()
 
 
 @_quant_linear_op.register_fake
 def _(x, base, layout, col_idx, col_values, sp_rowptr, sp_cols, sparse_values):
-    return x.new_empty(*x.shape[:-1], _out_features(layout))
+    return x.new_empty(x.shape[0], _out_features(layout))
 
 
 @torch.library.custom_op("wct::quant_linear_grad_input", mutates_args=())
@@ -165,9 +193,8 @@ def _setup_context(ctx, inputs, output) -> None:
     x, base, layout, col_idx, col_values, sp_rowptr, sp_cols, sparse_values = inputs
     # (ctx.needs_input_grad is indexed by the *flattened* inputs, ``base`` expanded: ask the tensors)
     need_x, need_cols, need_sparse = (t is not None and t.requires_grad for t in (x, col_values, sparse_values))
-    x2d = x.reshape(-1, x.shape[-1])
-    saved_x = x2d if need_sparse else (x2d[:, col_idx.long()] if need_cols else None)
-    ctx.layout, ctx.n_base, ctx.x_shape = layout, len(base), x.shape
+    saved_x = x if need_sparse else (x[:, col_idx.long()] if need_cols else None)
+    ctx.layout, ctx.n_base = layout, len(base)
     ctx.need = (need_x, need_cols, need_sparse)
     ctx.save_for_backward(saved_x, col_idx, col_values, sp_rowptr, sp_cols, sparse_values, *base)
 
@@ -175,11 +202,10 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad_y):
     saved_x, col_idx, col_values, sp_rowptr, sp_cols, sparse_values, *base = ctx.saved_tensors
     need_x, need_cols, need_sparse = ctx.need
-    gy = grad_y.reshape(-1, grad_y.shape[-1])
+    gy = grad_y
     gx = gc = gs = None
     if need_x:
         gx = _grad_input_op(gy, base, ctx.layout, col_idx, col_values, sp_rowptr, sp_cols, sparse_values)
-        gx = gx.reshape(ctx.x_shape)
     if need_cols:
         xc = saved_x[:, col_idx.long()] if need_sparse else saved_x
         gc = (gy.t() @ xc.to(gy.dtype)).to(col_values.dtype)
@@ -204,7 +230,9 @@ def quant_linear_raw(
     bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The op on raw buffers (what ``QuantLinear.forward`` calls: nothing data-dependent outside it)."""
-    y = _quant_linear_op(x, base, layout, col_idx, col_values, sp_rowptr, sp_cols, sparse_values)
+    x2d = x.reshape(-1, x.shape[-1])
+    y = _quant_linear_op(x2d, base, layout, col_idx, col_values, sp_rowptr, sp_cols, sparse_values)
+    y = y.reshape(*x.shape[:-1], y.shape[-1])
     return y if bias is None else y + bias.to(y.dtype)
 
 
