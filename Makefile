@@ -83,6 +83,16 @@ train-ddp: install
 	$(VENV)/bin/accelerate launch --config_file recipes/configs/cpu_ddp2.yaml recipes/wct_alpaca.py \
 		--output_dir runs/wct-alpaca-ddp $(TRAIN_ARGS)
 
+# FSDP2 with 2 CPU processes (issue 22): each rank holds half of the packed base; a few steps only. RTN 4-bit with 8
+# weak columns split out per layer, so that no calibration runs (OWQ's takes minutes per block on 1 thread per rank).
+.PHONY: train-fsdp
+FSDP_TRAIN_ARGS ?= --dataset_name $(ALPACA) --quant_method rtn --wbits 4 --wct_create_columns 8 --max_steps 4 \
+	--per_device_train_batch_size 2 --max_length 128 --learning_rate 1e-3 --logging_steps 1 --save_strategy no \
+	--report_to none --eval_size 16
+train-fsdp: install
+	$(VENV)/bin/accelerate launch --config_file recipes/configs/fsdp2_cpu2.yaml recipes/wct_alpaca.py \
+		--output_dir runs/wct-alpaca-fsdp $(FSDP_TRAIN_ARGS)
+
 codebooks: install
 	$(PY) scripts/regenerate_codebooks.py
 
@@ -92,8 +102,30 @@ bench-codebooks: install
 bench-kernels: install
 	$(PY) scripts/bench_kernels.py
 
+# GPU readiness (issue 21). check-gpu-compile: every Triton kernel x autotune config x format x bf16/fp16,
+# compiled ahead of time to sm_80/sm_90 cubins with the ptxas in triton's wheel (no GPU); fails on compile
+# errors, shared memory over the limit, register spills, GEMMs without tensor cores; writes
+# docs/benchmarks/kernels_compile.md. CHECK_GPU_COMPILE_ARGS e.g. "--quick" or "--jobs 16".
+# gpu-check: on a CUDA machine, <= 10 min on one H100 (native Triton tests, kernels vs cuBLAS and
+# bitsandbytes, WCT vs QLoRA step); writes docs/benchmarks/kernels_gpu.md; exits 2 at once without a GPU.
+.PHONY: check-gpu-compile gpu-check
+CHECK_GPU_COMPILE_ARGS ?=
+GPU_CHECK_ARGS ?=
+check-gpu-compile: install
+	$(PY) scripts/check_gpu_compile.py $(CHECK_GPU_COMPILE_ARGS)
+
+gpu-check: install
+	$(PY) scripts/gpu_check.py $(GPU_CHECK_ARGS)
+
 bench-actquant: install
 	$(PY) scripts/bench_actquant.py
+
+# Quality-memory front (issue 20): WCT vs QLoRA on Alpaca, resumable (runs/bench_pareto), ~4 h on 2 idle cores;
+# writes docs/benchmarks/pareto.{md,json,svg}. BENCH_PARETO_ARGS e.g. "--plan" (runs and time estimate) or "--smoke".
+.PHONY: bench-pareto
+BENCH_PARETO_ARGS ?=
+bench-pareto: install
+	$(PY) scripts/bench_pareto.py $(BENCH_PARETO_ARGS)
 
 bench-quality: install
 	$(PY) scripts/bench_quality.py

@@ -42,14 +42,14 @@ if str(ROOT) not in sys.path:  # run as a plain script from anywhere
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+from wct.checkpoint_io import atomic_write_text  # noqa: E402
+from wct.formats import get_format  # noqa: E402
 from wct.kernels import (  # noqa: E402
     PackedWeight,
     quant_linear,
     torch_backend,  # noqa: E402
 )
-
-from wct.checkpoint_io import atomic_write_text  # noqa: E402
-from wct.formats import get_format  # noqa: E402
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # benchlib beside this file, also when loaded by path
     sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -122,3 +122,81 @@ def bnb_bits(model: Any) -> tuple[float, float]:
             stored += bnb_4bit_nbytes(m.weight, m.weight.quant_state)
             numel += m.in_features * m.out_features
     return 8.0 * stored / numel, 8.0 * resident / numel
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# seeds, fronts, plots (bench-pareto)
+# ---------------------------------------------------------------------------------------------------------------------
+def mean_sd(values: Iterable[float]) -> tuple[float, float | None]:
+    """(mean, sample standard deviation) of ``values``; the sd is None for a single value."""
+    vals = [float(v) for v in values]
+    if not vals:
+        raise ValueError("mean_sd of no values")
+    mean = sum(vals) / len(vals)
+    if len(vals) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
+
+
+def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
+    """Names of the points no other point beats on both coordinates (both minimised), sorted by the first.
+
+    A point is dominated when another is <= on both coordinates and < on at least one.
+    """
+    front = []
+    for name, (x, y) in points.items():
+        if not any((x2 <= x and y2 <= y) and (x2 < x or y2 < y) for n2, (x2, y2) in points.items() if n2 != name):
+            front.append(name)
+    return sorted(front, key=lambda n: points[n])
+
+
+def svg_scatter(points: dict[str, tuple[float, float, float | None]], front: list[str], title: str, xlabel: str,
+                ylabel: str, width: int = 760, height: int = 480) -> str:
+    """A self-contained SVG scatter plot: ``{label: (x, y, y_sd or None)}``, the ``front`` joined by a line.
+
+    No plotting library needed (the benchmark must run where matplotlib is not installed).
+    """
+    from html import escape
+
+    if not points:
+        raise ValueError("no points to plot")
+    left, right, top, bottom = 70, 200, 40, 55
+    xs = [p[0] for p in points.values()]
+    ys = [p[1] + (p[2] or 0) for p in points.values()] + [p[1] - (p[2] or 0) for p in points.values()]
+    x0, x1 = min(xs), max(xs)
+    y0, y1 = min(ys), max(ys)
+    pad_x, pad_y = (x1 - x0) * 0.08 or abs(x0) * 0.1 or 1.0, (y1 - y0) * 0.1 or abs(y0) * 0.1 or 1.0
+    x0, x1, y0, y1 = x0 - pad_x, x1 + pad_x, y0 - pad_y, y1 + pad_y
+    pw, ph = width - left - right, height - top - bottom
+
+    def sx(x: float) -> float:
+        return left + (x - x0) / (x1 - x0) * pw
+
+    def sy(y: float) -> float:
+        return top + (y1 - y) / (y1 - y0) * ph
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+           'font-size="11">', f'<rect width="{width}" height="{height}" fill="white"/>',
+           f'<text x="{width / 2}" y="20" text-anchor="middle" font-size="14">{escape(title)}</text>',
+           f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#333"/>']
+    for i in range(6):  # ticks
+        xv, yv = x0 + (x1 - x0) * i / 5, y0 + (y1 - y0) * i / 5
+        out.append(f'<text x="{sx(xv):.1f}" y="{top + ph + 16}" text-anchor="middle">{xv:.0f}</text>')
+        out.append(f'<text x="{left - 6}" y="{sy(yv) + 4:.1f}" text-anchor="end">{yv:.3f}</text>')
+        out.append(f'<line x1="{left}" x2="{left + pw}" y1="{sy(yv):.1f}" y2="{sy(yv):.1f}" stroke="#eee"/>')
+    out.append(f'<text x="{left + pw / 2}" y="{height - 12}" text-anchor="middle">{escape(xlabel)}</text>')
+    out.append(f'<text transform="translate(16 {top + ph / 2}) rotate(-90)" text-anchor="middle">{escape(ylabel)}</text>')
+    if len(front) > 1:
+        path = " ".join(f"{sx(points[n][0]):.1f},{sy(points[n][1]):.1f}" for n in front)
+        out.append(f'<polyline points="{path}" fill="none" stroke="#d62728" stroke-width="1.5" stroke-dasharray="5,3"/>')
+    for name, (x, y, sd) in sorted(points.items(), key=lambda kv: kv[1][:2]):
+        color = "#d62728" if name in front else "#1f77b4"
+        if sd:
+            out.append(f'<line x1="{sx(x):.1f}" x2="{sx(x):.1f}" y1="{sy(y - sd):.1f}" y2="{sy(y + sd):.1f}" '
+                       f'stroke="{color}"/>')
+        out.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="4" fill="{color}"/>')
+        out.append(f'<text x="{sx(x) + 7:.1f}" y="{sy(y) + 4:.1f}">{escape(name)}</text>')
+    out.append(f'<text x="{left + pw + 10}" y="{top + 12}" fill="#d62728">red, dashed: the front</text>')
+    out.append(f'<text x="{left + pw + 10}" y="{top + 28}">bars: ± sd over seeds</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"

@@ -19,8 +19,9 @@ identically (NF4/AF4/BOF4/BOF4-S share a kernel: the code book is a pointer; spa
 beside the kernel) are compiled once and reported together.
 
 Usage: ``python scripts/check_gpu_compile.py`` (full matrix, writes
-``docs/benchmarks/kernels_compile.md`` + ``.json``), ``--quick`` (a representative subset, no
-doc unless ``--out``), ``--jobs N``, ``--fresh-cache`` (time a cold compile).  Exit status 1 when any
+``docs/benchmarks/kernels_compile.md`` + ``.json``), ``--quick`` (the subset CI compiles in
+``tests/test_gpu_compile.py``: every kernel x format family x activation dtype x target, the untuned
+default configs taken in turn; no doc unless ``--out``), ``--jobs N``, ``--fresh-cache`` (time a cold compile).  Exit status 1 when any
 check fails, with every failure listed.
 """
 
@@ -37,12 +38,13 @@ import time
 import warnings
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks" / "kernels_compile.md"
+STATE = ROOT / "build" / "check-gpu-compile" / "records.jsonl"
 
 # Opt-in shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin): what a launch may request.
 TARGETS: dict[str, tuple[int, int]] = {"sm_80": (80, 163 * 1024), "sm_90": (90, 227 * 1024)}
@@ -51,6 +53,7 @@ GEMM_KERNELS = ("gemm_fwd", "gemm_bwd")
 GEMV_SPLITS = (1, 4)  # SPLIT_K == 1 stores in the activation dtype, > 1 uses fp32 atomics: two code paths
 N_OUT, K_IN, TOKENS = 256, 512, 64  # placeholder shapes: only dtypes and 16-byte divisibility reach the compiler
 TENSOR_CORE_OPS = ("HMMA", "HGMMA")
+OPTIONS = ("num_warps", "num_stages", "maxnreg")  # compile options of a config (the rest are constexprs)
 
 
 @dataclass(frozen=True)
@@ -92,7 +95,12 @@ def format_cases() -> list[FormatCase]:
     return cases
 
 
-QUICK_FORMATS = ("int4 g128", "int3 per-channel", "int4 g48 (any group size)", "nf4 b64 dq", "int3 g128 + weak columns")
+# ``--quick`` and CI (tests/test_gpu_compile.py): one case per format family.  The code book is a pointer, so the
+# four codebooks are one kernel (listed anyway: they cost nothing, the plan shares them), and sparse outliers run
+# beside the kernel (the same kernel as without them).
+QUICK_FORMATS = ("int2 per-channel", "int3 g128", "int4 g128", "int4 g128 + sparse outliers", "int8 g128",
+                 "int4 g48 (any group size)", "nf4 b64", "af4 b64", "bof4 b64", "bof4s b64", "nf4 b64 dq", "af4 b64 dq",
+                 "bof4 b64 dq", "bof4s b64 dq", "int3 g128 + weak columns", "nf4 b64 + weak columns")
 
 
 @dataclass
@@ -108,10 +116,14 @@ class Job:
     attrs: dict
     formats: list = field(default_factory=list)
     split_k: int = 1
+    source: str = ""  # hash of the kernel's source and its callees (Triton's cache_key)
 
-    def key(self) -> tuple:
-        return (self.kernel, self.target, repr(sorted(self.signature.items())), repr(sorted(self.constexprs.items())),
-                repr(sorted(self.attrs.items())), repr(sorted(self.config.items())))
+    def key(self) -> str:
+        """Identity of the compilation: a saved record with the same key is the same cubin."""
+        config = {k: v for k, v in self.config.items() if k != "source"}
+        return "|".join((self.kernel, self.target, self.source, repr(sorted(self.signature.items())),
+                         repr(sorted(self.constexprs.items())), repr(sorted(self.attrs.items())),
+                         repr(sorted(config.items()))))
 
 
 def _packed_base(case: FormatCase):
@@ -164,15 +176,36 @@ def plan(cases: list[FormatCase], kernels: tuple, dtypes: tuple, targets: tuple,
                         kernel, args, meta = trb.kernel_args(kname, qt, a, out, split)
                         binder = create_function_from_signature(kernel.signature, kernel.params, backend)
                         for cfg in kernel_cfgs:
-                            tile = {k_: v for k_, v in cfg.items() if k_ not in ("num_warps", "num_stages", "source")}
-                            opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+                            tile = {k_: v for k_, v in cfg.items() if k_ not in OPTIONS + ("source",)}
+                            opts = {k_: cfg[k_] for k_ in OPTIONS if k_ in cfg}
                             bound, spec, kw = binder(*args, **meta, **tile, **opts)
                             _, signature, constexprs, attrs = kernel._pack_args(backend, kw, bound, spec, kw)
                             job = Job(kname, tname, dname, {k_: v for k_, v in cfg.items() if k_ != "source"},
-                                      signature, constexprs, attrs, split_k=split)
+                                      signature, constexprs, attrs, split_k=split, source=kernel.cache_key)
                             job.config["source"] = cfg["source"]
                             jobs.setdefault(job.key(), job).formats.append(case.label)
     return list(jobs.values())
+
+
+def rotate_defaults(jobs: list[Job]) -> list[Job]:
+    """The ``--quick`` subset of a ``configs="default"`` plan: every (kernel, split-K, target, dtype, format)
+    once, with the untuned default configs taken in turn, so that each default config still compiles for
+    several formats on both targets and dtypes, at a quarter of the cost of all of them."""
+    groups: dict[tuple, list[Job]] = defaultdict(list)
+    for j in jobs:
+        groups[(j.kernel, j.split_k, j.target, j.dtype, tuple(j.formats))].append(j)
+    kept = []
+    turn: dict[tuple, int] = defaultdict(int)
+    for key in sorted(groups, key=lambda k: (k[0], k[1], k[2], k[3], k[4])):
+        options = sorted(groups[key], key=lambda j: tuple(sorted((k, v) for k, v in j.config.items() if k != "source")))
+        slot = (key[0], key[1], key[2], key[3])
+        offset = TARGETS_ORDER.index(key[2]) + ACT_DTYPES.index(key[3])
+        kept.append(options[(turn[slot] + offset) % len(options)])
+        turn[slot] += 1
+    return kept
+
+
+TARGETS_ORDER = tuple(TARGETS)
 
 
 # --------------------------------------------------------------------------- one compilation (worker side)
@@ -218,18 +251,18 @@ def compile_job(job: Job) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from wct.kernels import triton_backend as trb
+    from wct.kernels import triton_kernels
 
-    fn = {"gemm_fwd": trb._gemm_fwd, "gemm_bwd": trb._gemm_bwd, "gemv_fwd": trb._gemv_fwd}[job.kernel]
+    fn = triton_kernels.kernel(job.kernel)
     cap, _ = TARGETS[job.target]
-    rec: dict[str, Any] = {"kernel": job.kernel, "target": job.target, "dtype": job.dtype, "config": job.config,
-                           "split_k": job.split_k, "formats": job.formats}
+    rec: dict[str, Any] = {"key": job.key(), "triton": triton.__version__, "kernel": job.kernel, "target": job.target,
+                           "dtype": job.dtype, "config": job.config, "split_k": job.split_k, "formats": job.formats}
     t0 = time.perf_counter()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             src = ASTSource(fn=fn, signature=job.signature, constexprs=job.constexprs, attrs=job.attrs)
-            opts = {"num_warps": job.config["num_warps"], "num_stages": job.config["num_stages"]}
+            opts = {k: job.config[k] for k in OPTIONS if k in job.config}
             ck = triton.compile(src, target=GPUTarget("cuda", cap, 32), options=opts)
         rec.update(analyse_cubin(ck.asm["cubin"]))
         rec["dynamic_shared"] = int(ck.metadata.shared)
@@ -258,10 +291,13 @@ def problems(rec: dict) -> list[str]:
 
 
 # --------------------------------------------------------------------------- report
+# what the --quick subset costs, measured (stated in the report; the subset itself is in rotate_defaults)
+QUICK_COST = ("144 compilations: 283 s in `tests/test_gpu_compile.py` on 2 CPU cores shared with other jobs (load ~7, "
+              "cold Triton cache, 2026-12-07); at the full run's 1.6 compile-seconds each, ~2 min on 2 idle cores")
 def config_label(rec: dict) -> str:
     c = rec["config"]
     tile = "x".join(str(c[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in c)
-    label = f"{tile} w{c['num_warps']} s{c['num_stages']}"
+    label = f"{tile} w{c['num_warps']} s{c['num_stages']}" + (f" r{c['maxnreg']}" if c.get("maxnreg") else "")
     if rec["kernel"] == "gemv_fwd":
         label += f" splitK{'>1' if rec['split_k'] > 1 else '=1'}"
     return label + ("" if c["source"] == "autotune" else f" ({c['source']})")
@@ -288,6 +324,41 @@ def summarise(records: list[dict]) -> list[dict]:
     return list(rows.values())
 
 
+FINDINGS = """\
+What this check found in the kernels that had only run under the interpreter (all fixed in
+`kernels/wct_kernels/triton_kernels.py` and `triton_configs.py`; the first full run after the fixes is the table above):
+
+- **Shared memory over the limit** in 5 of 12 GEMM autotune configs on sm_90 and 9 of 12 on sm_80 (up to 438 KB
+  a block): every weight loaded its own packed word (8 identical loads for 4 bits), its scale and its zero point,
+  and the software pipeliner staged all of them in shared memory per stage.  Now each word, scale and zero point
+  is loaded once and split in registers (per packing unit / group / codebook block).
+- **Register spills** in the default GEMV (up to 1,900 bytes of stack, 1,000 spill instructions) and GEMMs
+  (NF4 with double quantization, weak columns): the 3-D ``[rows, words, codes]`` tile was laid out with no row
+  split across threads.  The GEMV now accumulates code position by code position in the packed words' own 2-D
+  layout, the GEMMs interleave the positions with ``tl.join`` (free: the new axis is in-thread).
+- **Compile failure on sm_90** ("Illegal shared layout", Triton 3.9) when a transposed dequantized tile fed
+  ``tl.dot`` with BLOCK_K = 32: the forward GEMM now computes ``y.T = W x.T`` (the dequantized tile is the left,
+  register operand of ``wgmma``; 16 tokens fill an instruction), and the backward GEMM has no 32-wide tiles.
+- **Autotune configs dropped or given 8 warps** where a 128-register accumulator plus the dequantization
+  spilled: 128x256x64, 256x128x64, 4-warp 128x128 and 64x128 tiles.
+- **A few spilled registers chosen by ptxas** (2-9 STL/LDL at 80, 96 or 128 registers a thread, in 3 GEMM
+  configs for some formats): left alone, ptxas budgets registers for occupancy.  The GEMM configs now pass
+  ``maxnreg=255`` and ptxas allocates what a tile needs (80 -> 96, 128 -> 127 or 160 registers), without spills.
+  One GEMV config (32x256, 4 warps: 29 spill instructions for int2, fp16, split-K) left the autotune space.
+"""
+
+
+def _timing(meta: dict) -> str:
+    """How long the matrix took: this run's wall time, and the compile seconds summed over every record
+    (reused ones included), which is what a cold run costs divided by the number of processes."""
+    cold = "into an empty Triton cache" if meta.get("fresh_cache") else "Triton cache as found"
+    text = (f"{meta.get('compile_seconds', 0):.0f} compile-seconds in all (one process each, {cold}); this run "
+            f"{meta['wall_seconds']:.0f} s wall with {meta['jobs']} processes on {meta['cpus']} shared CPU cores")
+    if meta.get("reused"):
+        text += f", {meta['compiled']} compiled and {meta['reused']} reused from earlier runs of the same source"
+    return text
+
+
 def render_markdown(records: list[dict], meta: dict) -> str:
     rows = summarise(records)
     failed = [r for r in records if r["problems"]]
@@ -297,14 +368,21 @@ def render_markdown(records: list[dict], meta: dict) -> str:
         f"Written by `make check-gpu-compile` (`scripts/check_gpu_compile.py`) on {meta['date']}: "
         f"Triton {meta['triton']}, {meta['ptxas']}, no GPU.  {meta['compiles']} distinct compilations "
         f"({meta['formats']} format cases x {len(meta['dtypes'])} activation dtypes x every config of "
-        f"{', '.join(meta['kernels'])} x {', '.join(meta['targets'])}) in {meta['wall_seconds']:.0f} s wall time with "
-        f"{meta['jobs']} processes on {meta['cpus']} CPU cores ({'cold' if meta['fresh_cache'] else 'warm or cold'} "
-        f"Triton cache).  **{'PASS' if not failed else f'FAIL: {len(failed)} compilations break a rule'}**.",
+        f"{', '.join(meta['kernels'])} x {', '.join(meta['targets'])}): {_timing(meta)}.  "
+        f"**{'PASS' if not failed else f'FAIL: {len(failed)} compilations break a rule'}**.",
         "",
+        "Reproduce: `make check-gpu-compile` (this page: every autotune and default config; records of unchanged "
+        "kernels are reused from `build/check-gpu-compile/records.jsonl`, `--no-resume` compiles all).  CI "
+        "(`make test`) compiles a subset in `tests/test_gpu_compile.py`, the same as "
+        "`make check-gpu-compile CHECK_GPU_COMPILE_ARGS=--quick`: every kernel (the GEMV with and without split-K) x "
+        "every format family x bf16/fp16 x sm_80/sm_90, the untuned default configs taken in turn "
+        f"({QUICK_COST}).",
+        "",
+        *[f"Note: {n}\n" for n in meta.get("notes", [])],
         "Rules: compiles; shared memory per block (Triton's dynamic allocation + static) <= 163 KB (sm_80) / "
         "227 KB (sm_90); no register spills (local memory, STL/LDL in SASS); GEMM kernels contain tensor-core "
-        "instructions (HMMA, or HGMMA = wgmma on sm_90; 16-row tiles use HMMA there too).  The GEMV uses no "
-        "`tl.dot` by design (one token per program).",
+        "instructions (HMMA on sm_80; on sm_90 HGMMA = wgmma, or HMMA where Triton picks mma.sync for a tile).  The "
+        "GEMV uses no `tl.dot` by design (one token per program).",
         "",
         "Each row is the worst case over every format case and both activation dtypes (bf16, fp16); "
         "`worst shared` names the variant with the most shared memory.  Configs tagged `default` are the untuned "
@@ -329,6 +407,7 @@ def render_markdown(records: list[dict], meta: dict) -> str:
             continue
         seen.add(fmts)
         lines.append(f"- {' = '.join(fmts)}")
+    lines += ["", "## Findings", "", FINDINGS.rstrip()]
     if failed:
         lines += ["", "## Failures", ""]
         for r in failed[:200]:
@@ -345,18 +424,45 @@ def _worker_init(cache_dir: str | None) -> None:
     warnings.simplefilter("ignore")
 
 
-def run_jobs(jobs: list[Job], n_procs: int, cache_dir: str | None, progress: bool = True) -> list[dict]:
-    """Compile ``jobs`` in ``n_procs`` worker processes (spawned: a fresh Triton state each)."""
+def load_state(path: Path | None, triton_version: str) -> dict[str, dict]:
+    """Records saved by earlier runs (one JSON object a line) by key, compiled by this Triton version
+    (its ptxas and passes decide the result as much as the source does; a record without a version is taken as
+    this one's); unreadable lines are ignored."""
+    out: dict[str, dict] = {}
+    if path is None or not path.exists():
+        return out
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+            if rec.get("triton", triton_version) == triton_version:
+                out[rec["key"]] = rec
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue
+    return out
+
+
+def run_jobs(jobs: list[Job], n_procs: int, cache_dir: str | None, progress: bool = True,
+             state: Path | None = None) -> list[dict]:
+    """Compile ``jobs`` in ``n_procs`` worker processes (spawned: a fresh Triton state each).
+
+    With ``state``, every finished record is appended there at once, so a stopped run loses nothing
+    (the full matrix takes hours on two cores) and the next run compiles only what is missing.
+    """
     import multiprocessing as mp
 
     order = sorted(jobs, key=lambda j: -(j.config.get("BLOCK_M", 1) * j.config.get("BLOCK_N", 1) * j.config["BLOCK_K"]))
     records = []
+    if state is not None:
+        state.parent.mkdir(parents=True, exist_ok=True)
     with ProcessPoolExecutor(n_procs, mp_context=mp.get_context("spawn"), initializer=_worker_init,
                              initargs=(cache_dir,)) as pool:
         futures = [pool.submit(compile_job, j) for j in order]
         for i, fut in enumerate(as_completed(futures), 1):
             rec = fut.result()
             records.append(rec)
+            if state is not None:
+                with state.open("a") as f:
+                    f.write(json.dumps(rec, default=str) + "\n")
             if progress and (i % 50 == 0 or i == len(futures) or rec["problems"]):
                 flag = f"  FAIL {rec['kernel']} {config_label(rec)} {rec['target']}: {rec['problems'][0]}" if rec["problems"] else ""
                 print(f"[{i}/{len(futures)}]{flag}", flush=True)
@@ -371,7 +477,8 @@ def _ptxas_version() -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help=f"formats {QUICK_FORMATS}, bf16, untuned default configs only")
+    p.add_argument("--quick", action="store_true", help="what CI compiles (tests/test_gpu_compile.py): one case per "
+                   "format family, both dtypes and targets, the untuned default configs taken in turn")
     p.add_argument("--formats", nargs="*", help="format case labels (default: all, see format_cases())")
     p.add_argument("--kernels", nargs="*", default=None, help="gemm_fwd gemm_bwd gemv_fwd (default: all)")
     p.add_argument("--targets", nargs="*", default=list(TARGETS), choices=list(TARGETS))
@@ -379,12 +486,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--configs", choices=["all", "default"], default="all")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
     p.add_argument("--fresh-cache", action="store_true", help="compile into an empty Triton cache (honest timing)")
+    p.add_argument("--state", type=Path, default=STATE, help="records of earlier runs, reused when the kernel "
+                   "source and specialisation are unchanged; every new record is appended (default: %(default)s)")
+    p.add_argument("--no-resume", action="store_true", help="compile everything, ignoring --state")
     p.add_argument("--out", type=Path, default=None, help=f"report path (default {DOC.relative_to(ROOT)}; --quick: none)")
+    p.add_argument("--render", type=Path, default=None, metavar="JSON",
+                   help="only re-render the markdown from a saved .json of records (no compiling)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, stated (silences its warning)
+    if args.render is not None:
+        saved = json.loads(args.render.read_text())
+        out = args.out or args.render.with_suffix(".md")
+        out.write_text(render_markdown(saved["records"], saved["meta"]))
+        print(f"wrote {out}")
+        return 1 if any(r["problems"] for r in saved["records"]) else 0
     import triton
 
     from wct.kernels import triton_backend as trb
@@ -397,20 +516,30 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"unknown format cases {sorted(unknown)}; known: {[c.label for c in cases]}")
         cases = [c for c in cases if c.label in wanted]
     kernels = tuple(args.kernels or trb.KERNELS)
-    dtypes = ("bf16",) if args.quick else tuple(args.dtypes)
+    dtypes = tuple(args.dtypes)
     configs = "default" if args.quick else args.configs
     t0 = time.perf_counter()
     jobs = plan(cases, kernels, dtypes, tuple(args.targets), configs)
+    if args.quick:
+        jobs = rotate_defaults(jobs)
     print(f"{len(jobs)} distinct compilations ({len(cases)} format cases, {dtypes}, {kernels}, {args.targets}), "
           f"{args.jobs} processes", flush=True)
+    saved = {} if args.no_resume else load_state(args.state, triton.__version__)
+    reused = [saved[j.key()] for j in jobs if j.key() in saved]
+    for rec, job in zip(reused, [j for j in jobs if j.key() in saved]):
+        rec["formats"] = job.formats  # the same kernel may now stand for a different list of format cases
+    todo = [j for j in jobs if j.key() not in saved]
+    if reused:
+        print(f"{len(reused)} compilations reused from {args.state} (same kernel source), {len(todo)} to compile")
     with tempfile.TemporaryDirectory(prefix="wct-triton-cache-") as tmp:
-        records = run_jobs(jobs, args.jobs, tmp if args.fresh_cache else None)
+        records = reused + run_jobs(todo, args.jobs, tmp if args.fresh_cache else None, state=args.state)
     wall = time.perf_counter() - t0
     failed = [r for r in records if r["problems"]]
     meta = {"date": time.strftime("%Y-%m-%d"), "triton": triton.__version__, "ptxas": _ptxas_version(),
             "compiles": len(records), "formats": len(cases), "dtypes": dtypes, "kernels": kernels,
             "targets": args.targets, "wall_seconds": wall, "jobs": args.jobs, "cpus": os.cpu_count(),
-            "fresh_cache": args.fresh_cache}
+            "fresh_cache": args.fresh_cache, "reused": len(reused), "compiled": len(todo),
+            "compile_seconds": sum(r.get("seconds", 0.0) for r in records)}
     out = args.out if args.out is not None else (None if args.quick else DOC)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

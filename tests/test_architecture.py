@@ -14,7 +14,7 @@ FLOORS = {
     "wct.kernels": 2,
     "wct.nn": 3,
     "wct.quantize": 4, "wct.actquant": 4, "wct.tuners": 4,
-    "wct.integrations": 5, "wct.export": 5, "wct": 5,
+    "wct.integrations": 5, "wct.exporters": 5, "wct": 5,
     "wct.cli": 6,
 }
 

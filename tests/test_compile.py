@@ -125,7 +125,7 @@ def test_only_the_input_and_outlier_values_get_gradients():
     cv = layer.col_values.float().requires_grad_()
     layer(x, col_values=cv, sparse_values=layer.sp_values).sum().backward()
     assert cv.grad is not None and x.grad is None
-    assert all(b.grad is None for b in layer.buffers())
+    assert all(b.grad is None for _, b in layer.named_storage())
 
 
 @pytest.mark.parametrize("lead", [(3,), (2, 3), (2, 1, 3)])

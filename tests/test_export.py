@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 
 import wct
 from wct.checkpoint_io import verify_manifest
-from wct.export import REPORT_NAME, ExportReport, ExportSourceError, UnsupportedExportError
+from wct.exporters import REPORT_NAME, ExportReport, ExportSourceError, UnsupportedExportError
 from wct.nn import QuantLinear
 from wct.quantize import QuantConfig
 
@@ -76,6 +76,7 @@ CASES = {
     "owq3": (QuantConfig(method="owq", wbits=3, target_bits=3.1), None),
     # weak columns inside groups: later columns leave their j // 32 group, so g_idx / desc_act are needed
     "int3-g32-weak": (QuantConfig(method="rtn", wbits=3, group_size=32), {"q_proj": 3, "down_proj": 5, "v_proj": 1}),
+    "gptq4-g32": (QuantConfig(method="gptq", wbits=4, group_size=32), None),  # act-order, static groups
     "gwq3": (QuantConfig(method="gwq", wbits=3), None),
     "nf4": (QuantConfig(method="nf4"), None),
 }
@@ -209,7 +210,7 @@ def plain_llama(out: str, state: dict) -> torch.nn.Module:
 # ---------------------------------------------------------------------------------------------------------------------
 # GPTQ
 # ---------------------------------------------------------------------------------------------------------------------
-GPTQ_EXACT = ["int4-g32", "int4-sym-g32", "int3", "int2-g32", "int8-sym", "owq3", "int3-g32-weak"]
+GPTQ_EXACT = ["int4-g32", "int4-sym-g32", "int3", "int2-g32", "int8-sym", "owq3", "int3-g32-weak", "gptq4-g32"]
 
 
 @pytest.mark.parametrize("case", GPTQ_EXACT)
@@ -270,36 +271,149 @@ def m_in(b: Built, name: str) -> int:
     return b.model.get_submodule(name).in_features
 
 
-def test_gptq_vllm_loader_contract(built, exported):
-    """What vLLM's GPTQ loader reads (gptq.py create_weights + PEFTHelper): config keys, tensor names, dtypes, shapes."""
-    b = built("int3-g32-weak")
-    out, _ = exported("int3-g32-weak", "gptq")
-    qc = json.load(open(os.path.join(out, "config.json")))["quantization_config"]
-    for key in ("bits", "group_size", "desc_act", "sym", "checkpoint_format"):
-        assert key in qc
-    assert qc["checkpoint_format"] in ("gptq", "gptq_v2")
-    bits, g = qc["bits"], qc["group_size"]
-    header = load_file(os.path.join(out, "model.safetensors"))
-    for name, m in quant_layers(b.model).items():
-        groups = m.in_features // g if g > 0 else 1  # vLLM: input_size // group_size (it needs divisibility)
-        assert m.in_features % g == 0
-        assert header[f"{name}.qweight"].dtype == torch.int32
-        assert tuple(header[f"{name}.qweight"].shape) == (m.in_features * bits // 32, m.out_features)
-        assert tuple(header[f"{name}.qzeros"].shape) == (groups, m.out_features * bits // 32)
-        assert header[f"{name}.qzeros"].dtype == torch.int32
-        assert header[f"{name}.scales"].dtype == torch.float16
-        assert tuple(header[f"{name}.scales"].shape) == (groups, m.out_features)
-        assert header[f"{name}.g_idx"].dtype == torch.int32 and tuple(header[f"{name}.g_idx"].shape) == (m.in_features,)
-        assert f"{name}.weight" not in header
-    acfg = json.load(open(os.path.join(out, "adapter-padded", "adapter_config.json")))
-    lora = load_file(os.path.join(out, "adapter-padded", "adapter_model.safetensors"))
+# What vLLM reads, written down from its source (vLLM is GPU-only and not installed here):
+# * model_executor/layers/quantization/gptq.py: GPTQConfig.from_config takes bits (2/3/4/8), group_size, desc_act and
+#   lm_head (default False) from config.json's quantization_config (or quantize_config.json); GPTQLinearMethod.
+#   create_weights refuses in % group_size and out % Fraction(32, bits).numerator, and allocates qweight int32
+#   [in / pack_factor, out], g_idx int32 [in], qzeros int32 [in // g, out / pack_factor], scales [in // g, out] in the
+#   activation dtype (fp16 only), g = in for group_size -1.  Without desc_act it drops g_idx (column j in group
+#   j // g); with desc_act the fused q/k/v and gate/up layers hold ONE g_idx that each shard overwrites.
+# * lora/peft_helper.py: adapter_config.json needs r, lora_alpha, target_modules; bias "none", no modules_to_save,
+#   no DoRA; scaling = lora_alpha / r (or / sqrt(r) with use_rslora); r <= --max-lora-rank, one of MaxLoRARanks.
+# * lora/lora_model.py + utils.parse_fine_tuned_lora_name: adapter_model.safetensors keys
+#   "base_model.model.<module>.lora_A.weight" / ".lora_B.weight"; <module>'s last part must be a supported module.
+VLLM_LLAMA_LORA_MODULES = {"qkv_proj", "o_proj", "gate_up_proj", "down_proj", "q_proj", "k_proj", "v_proj",
+                           "gate_proj", "up_proj", "embed_tokens", "lm_head"}
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_gptq_problems(out: str, model) -> list[str]:
+    """Everything vLLM's GPTQ loader would refuse or decode differently from the file (empty list: it loads)."""
+    from fractions import Fraction
+
+    problems = []
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    qc = cfg["quantization_config"]
+    if qc.get("quant_method") != "gptq":
+        problems.append(f"quant_method {qc.get('quant_method')!r} is not --quantization gptq")
+    missing = [k for k in ("bits", "group_size", "desc_act") if k not in qc]
+    if missing:
+        return problems + [f"quantization_config lacks {missing}"]
+    bits, g, desc_act = qc["bits"], qc["group_size"], qc["desc_act"]
+    if bits not in (2, 3, 4, 8):
+        problems.append(f"bits {bits}")
+    if qc.get("lm_head", False) and "lm_head.qweight" not in load_file(os.path.join(out, "model.safetensors")):
+        problems.append("lm_head: true but lm_head is not packed")
+    if qc.get("checkpoint_format", "gptq") not in ("gptq", "gptq_v2"):
+        problems.append(f"checkpoint_format {qc['checkpoint_format']!r}")
+    pack = Fraction(32, bits)
+    tensors = load_file(os.path.join(out, "model.safetensors"))
+    g_idx = {}
+    for name, m in quant_layers(model).items():
+        n_in, n_out = m.in_features, m.out_features
+        group = n_in if g == -1 else g
+        if n_in % group or n_out % pack.numerator:
+            problems.append(f"{name}: create_weights refuses [{n_out} x {n_in}] with group_size {g}")
+            continue
+        want = {"qweight": ((int(n_in / pack), n_out), torch.int32), "g_idx": ((n_in,), torch.int32),
+                "qzeros": ((n_in // group, int(n_out / pack)), torch.int32),
+                "scales": ((n_in // group, n_out), torch.float16)}
+        for key, (shape, dtype) in want.items():
+            t = tensors.get(f"{name}.{key}")
+            if t is None or tuple(t.shape) != shape or t.dtype != dtype:
+                problems.append(f"{name}.{key}: want {dtype} {shape}, file has "
+                                f"{None if t is None else (t.dtype, tuple(t.shape))}")
+        if f"{name}.weight" in tensors:
+            problems.append(f"{name}.weight beside qweight")
+        g_idx[name] = tensors[f"{name}.g_idx"]
+        if not desc_act and not torch.equal(g_idx[name].long(), torch.arange(n_in) // group):
+            problems.append(f"{name}: desc_act false, so vLLM ignores its non-trivial g_idx")
+    if desc_act:
+        for n in g_idx:
+            parent, _, leaf = n.rpartition(".")
+            for fused in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
+                sib = [f"{parent}.{s}" for s in fused if f"{parent}.{s}" in g_idx]
+                if leaf == fused[0] and any(not torch.equal(g_idx[sib[0]], g_idx[o]) for o in sib[1:]):
+                    problems.append(f"{'/'.join(sib)}: different g_idx in one fused vLLM layer")
+    return problems
+
+
+def vllm_lora_problems(folder: str, model) -> list[str]:
+    """What vLLM's LoRA loader (PEFTHelper, LoRAModel.from_local_checkpoint) would refuse or scale differently."""
+    problems = []
+    acfg = json.load(open(os.path.join(folder, "adapter_config.json")))
+    missing = [k for k in ("r", "lora_alpha", "target_modules") if k not in acfg]
+    if missing:
+        return [f"adapter_config.json lacks {missing}"]
     r = acfg["r"]
-    assert acfg["lora_alpha"] == r and not acfg.get("use_rslora")  # vLLM scaling = lora_alpha / r = 1
+    scaling = acfg["lora_alpha"] / (r ** 0.5 if acfg.get("use_rslora") else r)
+    if scaling != 1:
+        problems.append(f"scaling {scaling} (vLLM: lora_alpha / r), not 1")
+    if acfg.get("bias", "none") != "none" or acfg.get("modules_to_save") or acfg.get("use_dora"):
+        problems.append("bias / modules_to_save / DoRA")
+    if r > VLLM_MAX_LORA_RANKS[-1]:
+        problems.append(f"r {r} > every --max-lora-rank")
+    if acfg.get("rank_pattern") or acfg.get("alpha_pattern"):
+        problems.append("rank_pattern/alpha_pattern: vLLM uses the global r and lora_alpha for every layer")
+    path = os.path.join(folder, "adapter_model.safetensors")
+    if not os.path.isfile(path):
+        return problems + ["no adapter_model.safetensors"]
+    lora = load_file(path)
+    modules = {}
     for key, t in lora.items():
-        assert key.startswith("base_model.model.model.layers.") and key.endswith((".lora_A.weight", ".lora_B.weight"))
-        module = key[len("base_model.model."): -len(".lora_A.weight")]
-        m = b.model.get_submodule(module)
-        assert tuple(t.shape) == ((r, m.in_features) if ".lora_A." in key else (m.out_features, r))
+        parts = key.split(".")
+        if not key.startswith("base_model.model.") or parts[-1] != "weight" or parts[-2] not in ("lora_A", "lora_B"):
+            problems.append(f"{key}: not a LoRA weight name vLLM parses")
+            continue
+        module = ".".join(parts[2:-2])
+        if module.rsplit(".", 1)[-1] not in VLLM_LLAMA_LORA_MODULES:
+            problems.append(f"{module}: not a module vLLM puts LoRA on")
+            continue
+        m = model.get_submodule(module)
+        want = (r, m.in_features) if parts[-2] == "lora_A" else (m.out_features, r)
+        if tuple(t.shape) != want or not t.is_floating_point():
+            problems.append(f"{key}: {t.dtype} {tuple(t.shape)}, want {want}")
+        modules.setdefault(module, set()).add(parts[-2])
+    problems += [f"{m}: only {sorted(ab)}" for m, ab in modules.items() if ab != {"lora_A", "lora_B"}]
+    return problems
+
+
+@pytest.mark.parametrize("case", ["owq3", "int4-g32", "int8-sym", "gptq4-g32", "int3-g32-weak"])
+def test_gptq_export_satisfies_vllms_loaders(built, exported, case):
+    """The files against what vLLM's GPTQ and LoRA loaders read (config fields, tensor names, dtypes, shapes)."""
+    b = built(case)
+    out, report = exported(case, "gptq", dtype="float16")
+    problems = vllm_gptq_problems(out, b.model)
+    if case == "int3-g32-weak":  # weak columns inside groups: q/k/v get different g_idx; the report must say so
+        assert problems and all("different g_idx in one fused vLLM layer" in p for p in problems), problems
+        assert any("vLLM fuses" in n and "decode them wrongly" in n for n in report.notes), report.notes
+    else:
+        assert not problems, problems
+        assert not any("vLLM fuses" in n for n in report.notes)
+    if os.path.isdir(os.path.join(out, "adapter-padded")):
+        assert not vllm_lora_problems(os.path.join(out, "adapter-padded"), b.model)
+        r = json.load(open(os.path.join(out, "adapter-padded", "adapter_config.json")))["r"]
+        flag = min(v for v in VLLM_MAX_LORA_RANKS if v >= r)
+        assert any(f"--max-lora-rank {flag} --lora-modules wct=OUT/adapter-padded" in n for n in report.notes)
+        # the per-layer adapter/ is for PEFT: vLLM would scale it with the global lora_alpha / r
+        per_layer = vllm_lora_problems(os.path.join(out, "adapter"), b.model)
+        assert per_layer == [] or any("rank_pattern" in p for p in per_layer)
+
+
+def test_vllm_commands_in_the_docs_use_flags_vllm_accepts():
+    """The documented ``vllm serve`` lines: --quantization gptq, --dtype float16, a --max-lora-rank vLLM accepts."""
+    import re
+
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    text = "".join(open(os.path.join(root, f)).read() for f in ("README.md", "docs/deploy.md"))
+    lines = [ln for ln in re.findall(r"vllm serve [^\n`]*(?:\\\n[^\n`]*)*", text) if "--quantization" in ln]
+    assert lines, "no vllm serve command with --quantization in the README / docs/deploy.md"
+    for ln in lines:
+        assert "--quantization gptq" in ln and "--dtype float16" in ln, ln
+        if "--enable-lora" in ln:
+            rank = re.search(r"--max-lora-rank (\d+)", ln)
+            assert rank and int(rank[1]) in VLLM_MAX_LORA_RANKS, ln
+            assert "adapter-padded" in ln, ln
 
 
 def test_gptq_zero_point_zero_shifts_for_v1_or_needs_v2(tmp_path):
@@ -452,7 +566,7 @@ def test_gguf_exact_grids_decode_bit_identical_with_ggufs_dequantize(built, expo
 @pytest.mark.parametrize("case", ["int4-g32", "owq3", "int3-g32-weak", "gwq3", "nf4"])
 def test_gguf_transformers_loader_matches_wct(built, exported, case):
     """transformers' GGUF loader (dequantizes with the gguf package) + adapter.gguf as llama.cpp applies it."""
-    from wct.export.loaders import load_gguf_transformers
+    from wct.exporters.loaders import load_gguf_transformers
 
     b = built(case)
     out, report = exported(case, "gguf")
@@ -517,7 +631,7 @@ def test_gguf_tokenizer_matches_the_tokenizer(built, exported):
     special = {t["id"] for t in tok["added_tokens"] if t["special"]}
     assert all(types[i] == gguf.TokenType.CONTROL for i in special)
     assert all(types[i] == gguf.TokenType.UNUSED and tokens[i] == f"[PAD{i}]" for i in range(317, VOCAB))
-    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt2"
+    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt-2"
     assert len(fields["tokenizer.ggml.merges"]) == len(tok["model"]["merges"])
 
 
@@ -608,8 +722,11 @@ def test_existing_output_is_never_overwritten(built, tmp_path, capsys):
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
 
 
-def test_bad_sources_fail_before_anything_is_written(built, tmp_path):
+def test_bad_sources_fail_before_anything_is_written(built, tmp_path, capsys):
+    import re
     import shutil
+
+    from wct.cli import main
 
     src = built("int3").path
     cases = {}
@@ -637,10 +754,15 @@ def test_bad_sources_fail_before_anything_is_written(built, tmp_path):
     (adapter / "adapter_config.json").write_text('{"peft_type": "LORA"}')
     cases[adapter] = "PEFT adapter.*merge"
     cases[tmp_path / "nowhere"] = "does not exist"
+    capsys.readouterr()
     for bad, msg in cases.items():
         out = tmp_path / f"out-{bad.name}"
         with pytest.raises((ExportSourceError, FileNotFoundError), match=msg):
             wct.export(bad, "gptq", out, progress=False)
+        assert not out.exists(), bad
+        assert main(["export", str(bad), "--format", "gguf", "--out", str(out), "--no-progress"]) == 2, bad
+        err = capsys.readouterr().err
+        assert err.count("error: ") == 1 and re.search(msg, err) and "Traceback" not in err, err
         assert not out.exists(), bad
     with pytest.raises(ValueError, match="unknown export format 'onnx'"):
         wct.export(src, "onnx", tmp_path / "o", progress=False)
@@ -696,3 +818,100 @@ def test_gptq_keeps_a_packed_lm_head_dense_and_says_so(tmp_path):
     tensors = load_file(tmp_path / "g" / "model.safetensors")
     assert torch.equal(tensors["lm_head.weight"], model.lm_head.dequantize_weight(torch.float32))
     assert "lm_head.qweight" not in tensors
+
+
+def test_exported_files_are_readable_by_others(exported):
+    """Engines often run as another user (a container, a service): no 0600 files from safetensors' writer."""
+    out, _ = exported("owq3", "gptq")
+    umask = os.umask(0)
+    os.umask(umask)
+    for d, _, files in os.walk(out):
+        for f in files:
+            assert os.stat(os.path.join(d, f)).st_mode & 0o777 == 0o666 & ~umask, f
+
+
+def test_packed_moe_experts_are_refused_with_the_reason(tmp_path):
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(Qwen3MoeConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=64, moe_intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, head_dim=16)).eval()
+    wct.quantize_model(model, QuantConfig(method="rtn", wbits=4, group_size=32), progress=False)
+    for fmt in ("gptq", "gguf", "dense"):
+        with pytest.raises(UnsupportedExportError, match=r"MoE blocks hold packed experts \(QuantExperts"):
+            wct.export(model, fmt, tmp_path / fmt, progress=False)
+        assert not (tmp_path / fmt).exists()
+
+
+def test_wct_export_is_the_function_whatever_was_imported():
+    """The verb is ``wct.export`` (a function); the package is ``wct.exporters``, so no import can shadow it."""
+    import importlib
+    import pkgutil
+
+    import wct.exporters
+
+    for info in pkgutil.iter_modules(wct.exporters.__path__):
+        importlib.import_module(f"wct.exporters.{info.name}")
+    import wct.exporters.gptq as as_module  # noqa: F401  (the form that rebinds a parent's attribute)
+    from wct import export
+
+    assert callable(wct.export) and wct.export is export is wct.exporters.export
+    assert wct.export.__module__ == "wct.exporters"
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module("wct.export")
+
+
+def test_readme_deploy_path_runs_quantize_finetune_export(tmp_path, capsys):
+    """The README's Deploy block, at tiny scale: ``wct quantize`` -> ``recipes/wct_alpaca.py --quantized_base`` ->
+    ``wct export OUTPUT_DIR/merged --format gptq``; the served folder satisfies vLLM's loaders, and its base (read by
+    the independent decoder) + the adapter (loaded by PEFT) gives the fine-tuned model's logits."""
+    from conftest import make_tiny_tokenizer, tiny_text
+    from peft import PeftModel
+
+    from wct.cli import main
+
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    sys.path.insert(0, os.path.join(root, "recipes"))
+    import wct_alpaca
+
+    readme = open(os.path.join(root, "README.md")).read()
+    block = readme.split("## Deploy: quantize → fine-tune → export → serve", 1)[1].split("```bash", 1)[1].split("```")[0]
+    lines = block.strip().splitlines()
+    assert lines[0].startswith("wct quantize --method owq ") and lines[0].endswith("--out owq3")
+    assert "recipes/wct_alpaca.py --quantized_base owq3 " in lines[1] and "--output_dir runs/wct" in lines[1]
+    assert lines[2].startswith("wct export runs/wct/merged --format gptq --out served ")
+    assert lines[3].startswith("vllm serve served --quantization gptq") and "wct=served/adapter-padded" in lines[3]
+
+    tiny = tmp_path / "tiny"
+    make_tiny_llama().save_pretrained(tiny)
+    make_tiny_tokenizer().save_pretrained(tiny)
+    calib = tmp_path / "valid.txt"
+    calib.write_text(tiny_text(2000))
+    recs = [{"instruction": f"w{a} w{a + 1}", "input": "", "output": f"w{(2 * a + 1) % 100}"} for a in range(64)]
+    (tmp_path / "data.json").write_text(json.dumps(recs))
+
+    owq3, run, served = tmp_path / "owq3", tmp_path / "runs" / "wct", tmp_path / "served"
+    assert main(["quantize", "--model", str(tiny), "--method", "owq", "--wbits", "3", "--target-bits", "3.5",
+                 "--calib", str(calib), "--n-samples", "4", "--seq-len", "32", "--out", str(owq3)]) == 0
+    res = wct_alpaca.main([
+        "--quantized_base", str(owq3), "--dataset_name", str(tmp_path / "data.json"), "--output_dir", str(run),
+        "--max_steps", "3", "--eval_size", "8", "--per_device_train_batch_size", "2", "--per_device_eval_batch_size",
+        "4", "--max_length", "32", "--report_to", "none", "--learning_rate", "1e-2", "--gradient_checkpointing",
+        "false", "--seed", "0", "--dataloader_num_workers", "0", "--save_strategy", "no"])
+    assert res["merged_dir"] == str(run / "merged")
+    capsys.readouterr()
+    assert main(["export", str(run / "merged"), "--format", "gptq", "--out", str(served), "--no-progress"]) == 0
+    assert "--max-lora-rank" in capsys.readouterr().out  # the vLLM line, with the rank to use
+
+    tuned = wct.load_quantized(str(run / "merged"))
+    assert not vllm_gptq_problems(str(served), tuned)
+    assert not vllm_lora_problems(str(served / "adapter-padded"), tuned)
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = tuned(ids).logits
+        for adapter in ("adapter", "adapter-padded"):
+            model = PeftModel.from_pretrained(plain_llama(str(served), gptq_dense_state(str(served))),
+                                              str(served / adapter)).eval()
+            # --dtype float16 (the README's default): only the fp32 embeddings and norms round to fp16
+            torch.testing.assert_close(model(ids).logits, want, rtol=0, atol=2e-3)

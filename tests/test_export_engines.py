@@ -1,7 +1,8 @@
 """Exports read back by the engines' own code: GPTQModel (through transformers) and llama.cpp (llama-cpp-python).
 
 These packages are not part of the default install (GPTQModel pins numpy and pulls torchao;
-llama-cpp-python builds llama.cpp from source): ``pip install 'wct[export-check]'``.  Each test
+llama-cpp-python builds llama.cpp from source): the ``export-check`` extra, in a venv of its own
+(``.venv-export``; docs/deploy.md has the commands).  Each test
 skips with the reason when its engine is absent; ``test_export.py`` covers the same files with
 independent readers (our GPTQ decoder from the format's definition, ``gguf.quants``, transformers' GGUF
 loader, PEFT) and always runs.
@@ -16,14 +17,17 @@ import pytest
 import torch
 from test_export import IDS, builder, exporter, quant_layers, wct_base
 
-from wct.export.loaders import have
+from wct.exporters.loaders import have
 
 needs_gptqmodel = pytest.mark.skipif(
     not have("gptqmodel", "optimum"),
-    reason="GPTQModel + optimum not installed (transformers needs them to load GPTQ on CPU): pip install 'wct[export-check]'",
+    reason="GPTQModel + optimum not installed (transformers needs them to load GPTQ on CPU): the export-check extra, "
+    "in .venv-export as docs/deploy.md says",
 )
 needs_llama_cpp = pytest.mark.skipif(
-    not have("llama_cpp"), reason="llama-cpp-python not installed: pip install 'wct[export-check]' (builds llama.cpp)"
+    not have("llama_cpp"),
+    reason="llama-cpp-python not installed: the export-check extra, in .venv-export as docs/deploy.md says (it "
+    "compiles llama.cpp)",
 )
 
 
@@ -88,7 +92,7 @@ def test_gptqmodel_plus_peft_logits_match_wct(built, exported, case, adapter):
 def test_llama_cpp_runs_the_gguf_with_its_lora(built, exported, case):
     """llama.cpp itself (its loader, its tokenizer tables, its LoRA path): logits close to wct's, and the adapter is
     what brings them close (llama.cpp multiplies Q4_0 weights with 8-bit-quantized activations, so not bit-exact)."""
-    from wct.export.loaders import llama_cpp_logits, load_llama_cpp
+    from wct.exporters.loaders import llama_cpp_logits, load_llama_cpp
 
     b = built(case)
     out, _ = exported(case, "gguf")

@@ -167,8 +167,9 @@ def test_file_size_matches_bit_accounting(built, case):
     for m in model.modules():
         if isinstance(m, QuantLinear):
             expected += m.nbytes + (m.bias.numel() * m.bias.element_size() if m.bias is not None else 0)
-    quant_ids = {id(t) for m in model.modules() if isinstance(m, QuantLinear) for t in m.buffers()}
-    expected += sum(p.numel() * p.element_size() for p in model.parameters())  # tied lm_head counted once
+    quant_ids = {id(t) for m in model.modules() if isinstance(m, QuantLinear) for _, t in m.named_storage()}
+    expected += sum(p.numel() * p.element_size() for p in model.parameters()  # tied lm_head counted once
+                    if id(p) not in quant_ids)
     persistent = set(model.state_dict(keep_vars=True))
     expected += sum(t.numel() * t.element_size() for n, t in model.named_buffers()
                     if id(t) not in quant_ids and n in persistent)
@@ -184,7 +185,7 @@ def test_keep_in_fp32_modules_dtype_is_restored(built, monkeypatch):
     for name, m in b.model.named_modules():
         if isinstance(m, QuantLinear) and name.endswith("down_proj"):
             got = loaded.get_submodule(name)
-            for buf, t in m.named_buffers():
+            for buf, t in m.named_storage():
                 assert getattr(got, buf).dtype == t.dtype and bits_of(getattr(got, buf)) == bits_of(t), (name, buf)
 
 
@@ -197,7 +198,7 @@ def test_model_to_bf16_keeps_packed_buffers(built):
     loaded.to(torch.bfloat16)
     for name, m in b.model.named_modules():
         if isinstance(m, QuantLinear):
-            for buf, t in m.named_buffers():
+            for buf, t in m.named_storage():
                 assert bits_of(getattr(loaded.get_submodule(name), buf)) == bits_of(t), (name, buf)
 
 

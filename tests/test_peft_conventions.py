@@ -99,7 +99,9 @@ def packed_names(model) -> set[str]:
 
 
 def buffers(model) -> dict[str, torch.Tensor]:
-    return {short(n): b.detach().clone() for n, b in model.named_buffers()}
+    """Every packed layer's storage (frozen parameters and index buffers), by short name."""
+    return {short(f"{mn}.{n}"): t.detach().clone() for mn, m in model.named_modules() if isinstance(m, QuantLinear)
+            for n, t in m.named_storage()}
 
 
 def lora_wrapped(peft_model) -> set[str]:

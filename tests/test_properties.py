@@ -17,14 +17,14 @@ from unittest import mock
 
 import pytest
 import torch
-import wct.kernels.torch_backend as torch_backend
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from wct.kernels import quant_linear
 
+import wct.kernels.torch_backend as torch_backend
 from wct.formats import CodebookFormat, IntegerFormat, get_format, pack_codes, packed_width, unpack_codes
 from wct.formats.base import ceil_div
 from wct.formats.codebook_format import DQ_BLOCK
+from wct.kernels import quant_linear
 from wct.nn import QuantLinear
 from wct.outliers import ColumnOutliers, SparseOutliers, index_dtype, keep_index
 

@@ -19,10 +19,10 @@ import sys
 
 import pytest
 import torch
-from wct.kernels import PackedWeight, autograd
-from wct.kernels import torch_backend as tb
 
 from wct.formats import get_format
+from wct.kernels import PackedWeight, autograd, torch_int4pack
+from wct.kernels import torch_backend as tb
 from wct.nn import QuantLinear
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -137,6 +137,39 @@ def test_tk_autograd_with_outliers_matches_torch_backend(monkeypatch, fmt, lead)
         torch.testing.assert_close(got, want, **_tol(torch.float32))
 
 
+# every branch of the in-register dequantizer: scales per row, per packing unit, per weight; codebook
+# blocks per unit, straddling two blocks, shorter than a word; tiles holding several groups
+DEQUANT_PATHS = [
+    ("int3", dict(group_size=48, partial_groups=True), 100),  # 48 % 32: per-weight scales (3-bit unit = 32 codes)
+    ("int4", dict(group_size=48, partial_groups=True), 100),  # 48 % 8 == 0: per-unit scales
+    ("int4", dict(group_size=32), 128),  # several groups in one 64/128-wide tile
+    ("int8", dict(group_size=32, sym=True), 96),
+    ("int2", {}, 72),  # per channel, 16 codes a word
+    ("nf4", dict(block_size=6), 60),  # blocks shorter than a word: per-weight absmax
+    ("af4", dict(block_size=48), 100),  # K % 8 != 0: words straddle two blocks
+    ("bof4s", dict(block_size=32, double_quant=True), 96),  # one block per word, double quantization
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("block_k", [64, 128])
+@pytest.mark.parametrize("fmt", DEQUANT_PATHS, ids=[f"{n}-{k}-{'-'.join(f'{a}{b}' for a, b in kw.items())}"
+                                                   for n, kw, k in DEQUANT_PATHS])
+def test_tk_every_dequant_path(monkeypatch, fmt, block_k):
+    """Forward GEMM, split-K GEMV and backward GEMM on each dequantization branch, two tile widths."""
+    from wct.kernels import triton_backend as trb
+
+    name, kw, k = fmt
+    if KERNEL_DEVICE == "cpu":
+        monkeypatch.setattr(trb, "INTERPRETER_CONFIG", {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": block_k})
+    qt, w = _packed(name, kw, 24, k, KERNEL_DEVICE)
+    x = torch.randn(5, k, device=KERNEL_DEVICE)
+    torch.testing.assert_close(trb.matmul(qt, x, gemv=False), x @ w.t(), **_tol(torch.float32))
+    torch.testing.assert_close(trb.matmul(qt, x[:2], gemv=True, split_k=2), x[:2] @ w.t(), **_tol(torch.float32))
+    gy = torch.randn(5, 24, device=KERNEL_DEVICE)
+    torch.testing.assert_close(trb.matmul_t(qt, gy), gy @ w, **_tol(torch.float32))
+
+
 # =========================================================================== interpreter driver
 def test_triton_interpreter_suite():
     """Run every ``test_tk_*`` check under ``TRITON_INTERPRET=1`` on CPU tensors, in a fresh process."""
@@ -150,6 +183,23 @@ def test_triton_interpreter_suite():
     tail = (proc.stdout + proc.stderr)[-6000:]
     assert proc.returncode == 0, f"interpreter suite failed:\n{tail}"
     assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], tail
+
+
+def test_without_triton_every_module_imports_and_the_torch_backend_is_used():
+    """A CPU-only install has no triton (or a broken one): the three Triton modules still import, nothing is
+    defined that needs it, and CUDA dispatch would fall back to the torch backend."""
+    probe = (
+        "import sys; sys.modules['triton'] = None\n"  # `import triton` now raises ImportError
+        "from wct.kernels import autograd, triton_backend as trb, triton_configs, triton_kernels\n"
+        "assert not (trb.HAS_TRITON or triton_kernels.HAS_TRITON or trb.available() or trb.interpreting())\n"
+        "assert triton_configs.untuned_gemm('gemm_fwd', 20)['BLOCK_M'] == 32 and trb.KERNELS\n"
+        "assert autograd._triton_backend() is None\n"
+        "try:\n    triton_kernels.kernel('gemm_fwd')\nexcept RuntimeError as e:\n    assert 'triton' in str(e)\n"
+        "else:\n    raise AssertionError('a kernel without triton')\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr
 
 
 # =========================================================================== GPU only
@@ -248,7 +298,7 @@ def test_cpu_multi_tile_forward_and_backward(monkeypatch, fmt):
     torch.testing.assert_close(many[1], one[1], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not tb._HAS_INT4PACK, reason="this torch has no _weight_int4pack_mm_for_cpu")
+@pytest.mark.skipif(not torch_int4pack._HAS_INT4PACK, reason="this torch has no _weight_int4pack_mm_for_cpu")
 @pytest.mark.parametrize("fmt", [("int4", dict(group_size=64, partial_groups=True)), ("int4", dict(group_size=128, sym=True, partial_groups=True)), ("int3", {})])
 def test_cpu_int4pack_route_for_bf16_decoding(fmt):
     name, kw = fmt
@@ -264,10 +314,10 @@ def test_cpu_int4pack_route_for_bf16_decoding(fmt):
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), ref, rtol=3e-2, atol=3e-2)
     # the repacked copy is cached per buffer and rebuilt when the buffer changes in place
-    entry = tb._int4pack_weight(pw.qweight)
-    assert tb._int4pack_weight(pw.qweight) is entry
+    entry = torch_int4pack._int4pack_weight(pw.qweight)
+    assert torch_int4pack._int4pack_weight(pw.qweight) is entry
     layer.scales.mul_(2)
-    assert tb._int4pack_weight(layer.packed_weight().qweight) is not entry
+    assert torch_int4pack._int4pack_weight(layer.packed_weight().qweight) is not entry
     ref2 = torch.nn.functional.linear(x.float(), layer.dequantize_weight(), layer.bias)
     torch.testing.assert_close(layer(x).float(), ref2, rtol=3e-2, atol=6e-2)
     # many tokens: the tiled fp32 path, same numbers

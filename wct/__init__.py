@@ -28,7 +28,7 @@ def _mount_source_kernels() -> None:
 
 _mount_source_kernels()
 
-from wct.export import export  # noqa: E402  (wct.export(src, format=..., out=...); the package: import wct.export.gptq)
+from wct.exporters import export  # noqa: E402  (the function wct.export(src, format, out); the package is wct.exporters)
 from wct.formats import QuantizedTensor, get_format  # noqa: E402
 from wct.integrations import (  # noqa: E402  (importing registers quant_method="wct" with transformers)
     attach_quantization,

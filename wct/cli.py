@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quantize(sub)
     _add_eval(sub)
     _add_inspect(sub)
-    from wct.export.cli import add_export_parser
+    from wct.exporters.cli import add_export_parser
 
     add_export_parser(sub)
     return parser
@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "export":
-            from wct.export.cli import cmd_export
+            from wct.exporters.cli import cmd_export
 
             return cmd_export(args)
         return {"quantize": cmd_quantize, "eval": cmd_eval, "inspect": cmd_inspect}[args.command](args)

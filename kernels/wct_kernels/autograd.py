@@ -8,10 +8,21 @@ and broke the graph at every layer (52 breaks in a 2-layer Llama, ``fullgraph=Tr
 op with a fake (meta) implementation is one opaque node the compiler keeps in the graph: it only
 needs the output's shape and dtype, which the fake functions below give without touching data.
 
-Gradients flow to the input and to the outlier values only; the packed base is frozen.  Backward
-recomputes dequantized tiles (``grad_x = grad_y @ W``, its own op) instead of saving a dense
-weight: the only activations saved are the input's weak columns (or the whole input when the
-sparse outliers train) -- exactly what the former ``autograd.Function`` saved.
+Gradients flow to the input, to the outlier values and, when the caller passes a scale tensor that
+requires grad in place of the base's scale buffer (``scales`` of an integer format, ``absmax`` of a
+codebook without double quantization), to the scales; the codes stay frozen.  Backward recomputes
+dequantized tiles (``grad_x = grad_y @ W``, its own op) instead of saving a dense weight: the only
+activations saved are the input's weak columns, or the whole input when the sparse outliers or the
+scales train (their gradients read any column).  The scale gradient is its own op too
+(``wct::quant_linear_grad_scales``: tile-wise ``(gy.T @ x) · U`` reduced per group or block,
+``U`` the unscaled codes); it always runs on the torch backend's tile math, which works on CUDA
+tensors as well (the Triton backend has no kernel for it).
+
+A base tensor may arrive in another floating dtype than the format stores (an fp32 master copy of
+fp16 scales): the op casts it to the stored dtype before any backend reads it, so the Triton
+kernels always see the dtypes they were built for, and values already rounded to that dtype (what
+``wct.tuners.wct`` passes) go through unchanged.  Float64 scales on CPU are the exception: the torch
+backend then dequantizes in float64 without rounding them (what ``gradcheck`` needs).
 
 The packed weight crosses the op boundary as its raw buffers plus a ``layout`` string (the
 format's ``to_dict()``, buffer names, shapes; built once per layer by :func:`layout_of`), because
@@ -86,6 +97,8 @@ def _packed(base: list[torch.Tensor], layout: str, col_idx: Optional[torch.Tenso
     fmt, names, shape, n_in, n_out = _parse_layout(layout)
     if len(base) != len(names):
         raise ValueError(f"layout names {len(names)} packed buffers {names}, got {len(base)} tensors")
+    base = [t if t.dtype == d or (t.dtype == torch.float64 and not t.is_cuda) else t.to(d)
+            for t, d in zip(base, _stored_dtypes(layout))]  # (fp64 on CPU: the torch backend's exact path)
     pw = PackedWeight(QuantizedTensor(fmt, shape, dict(zip(names, base))), n_in, n_out)
     if col_idx is not None:
         pw.col_idx, pw.keep = _derived(col_idx, ("cols", n_in), lambda: (col_idx.long(), keep_index(n_in, col_idx)))
@@ -94,6 +107,24 @@ def _packed(base: list[torch.Tensor], layout: str, col_idx: Optional[torch.Tenso
                                                     lambda: (sp_rowptr.long(), _rows(sp_rowptr.long(), n_out)))
         pw.sparse_cols = _derived(sp_cols, ("cols64",), lambda: (sp_cols.long(),))[0]
     return pw
+
+
+@functools.lru_cache(maxsize=None)
+def _stored_dtypes(layout: str) -> tuple:
+    """The dtype the format stores each base buffer in, in the layout's order."""
+    fmt, names, shape, _, _ = _parse_layout(layout)
+    specs = fmt.buffer_specs(shape)
+    return tuple(specs[n][1] for n in names)
+
+
+@functools.lru_cache(maxsize=None)
+def _scale_slot(layout: str) -> tuple[Optional[int], tuple]:
+    """(position of the trainable scale buffer among the base tensors or None, its shape)."""
+    fmt, names, shape, _, _ = _parse_layout(layout)
+    name = torch_backend.scale_buffer_name(fmt)
+    if name is None or name not in names:
+        return None, ()
+    return names.index(name), tuple(fmt.buffer_specs(shape)[name][0])
 
 
 _DERIVED = WeakIdKeyDictionary()
@@ -112,7 +143,7 @@ def _derived(src: torch.Tensor, what: tuple, build) -> tuple:
     if entry is None or entry[0] != src._version:
         entry = (src._version, {})
         _DERIVED[src] = entry
-    with torch.inference_mode(False):  # never cache inference tensors (see torch_backend._outside_inference_mode)
+    with torch.inference_mode(False):  # never cache inference tensors (see torch_dequant.outside_inference_mode)
         entry[1][what] = tuple(build())
     return entry[1][what]
 
@@ -187,31 +218,60 @@ def _(gy, x, layout, sp_rowptr, sp_cols):
     return gy.new_empty(sp_cols.shape[0])
 
 
+@torch.library.custom_op("wct::quant_linear_grad_scales", mutates_args=())
+def _grad_scales_op(gy: torch.Tensor, x: torch.Tensor, base: list[torch.Tensor], layout: str,
+                    col_idx: Optional[torch.Tensor]) -> torch.Tensor:
+    """``dL/dscale`` of the packed base, the shape of its scale buffer (fp32; fp64 for fp64 inputs).
+
+    Always the torch backend's tile math (:func:`torch_backend.grad_scales`), on CPU and CUDA alike.
+    """
+    packed = _packed(base, layout, col_idx, None, None)  # outliers never enter: their positions hold code 0
+    return torch_backend.grad_scales(packed, gy, x)
+
+
+@_grad_scales_op.register_fake
+def _(gy, x, base, layout, col_idx):
+    return gy.new_empty(_scale_slot(layout)[1], dtype=torch.promote_types(gy.dtype, torch.float32))
+
+
 def _setup_context(ctx, inputs, output) -> None:
     """Save what backward needs: the frozen buffers, the outlier values, and of the input only the
-    weak columns, or all of it when the sparse values train (their gradient reads any column)."""
+    weak columns, or all of it when the sparse values or the scales train (their gradients read any column)."""
     x, base, layout, col_idx, col_values, sp_rowptr, sp_cols, sparse_values = inputs
     # (ctx.needs_input_grad is indexed by the *flattened* inputs, ``base`` expanded: ask the tensors)
     need_x, need_cols, need_sparse = (t is not None and t.requires_grad for t in (x, col_values, sparse_values))
-    saved_x = x if need_sparse else (x[:, col_idx.long()] if need_cols else None)
+    slot = _scale_slot(layout)[0]
+    wants = [i for i, t in enumerate(base) if t.requires_grad]
+    if wants and wants != [slot]:
+        names = _parse_layout(layout)[1]
+        raise ValueError(
+            f"only the scale buffer of a packed base can train, but {[names[i] for i in wants]} require grad "
+            f"(trainable here: {names[slot] if slot is not None else 'nothing, this format has no trainable scales'})"
+        )
+    need_scales = bool(wants)
+    saved_x = x if (need_sparse or need_scales) else (x[:, col_idx.long()] if need_cols else None)
     ctx.layout, ctx.n_base = layout, len(base)
-    ctx.need = (need_x, need_cols, need_sparse)
+    ctx.need = (need_x, need_cols, need_sparse, need_scales)
     ctx.save_for_backward(saved_x, col_idx, col_values, sp_rowptr, sp_cols, sparse_values, *base)
 
 
 def _backward(ctx, grad_y):
     saved_x, col_idx, col_values, sp_rowptr, sp_cols, sparse_values, *base = ctx.saved_tensors
-    need_x, need_cols, need_sparse = ctx.need
+    need_x, need_cols, need_sparse, need_scales = ctx.need
     gy = grad_y
     gx = gc = gs = None
+    gbase = [None] * ctx.n_base
     if need_x:
         gx = _grad_input_op(gy, base, ctx.layout, col_idx, col_values, sp_rowptr, sp_cols, sparse_values)
     if need_cols:
-        xc = saved_x[:, col_idx.long()] if need_sparse else saved_x
+        xc = saved_x[:, col_idx.long()] if (need_sparse or need_scales) else saved_x
         gc = (gy.t() @ xc.to(gy.dtype)).to(col_values.dtype)
     if need_sparse:
         gs = _grad_sparse_op(gy, saved_x.to(gy.dtype), ctx.layout, sp_rowptr, sp_cols).to(sparse_values.dtype)
-    return gx, [None] * ctx.n_base, None, None, gc, None, None, gs
+    if need_scales:
+        slot = _scale_slot(ctx.layout)[0]
+        gbase[slot] = _grad_scales_op(gy, saved_x, base, ctx.layout, col_idx).to(base[slot].dtype)
+    return gx, gbase, None, None, gc, None, None, gs
 
 
 torch.library.register_autograd("wct::quant_linear", _backward, setup_context=_setup_context)

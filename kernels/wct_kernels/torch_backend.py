@@ -4,48 +4,21 @@ The dense weight is never materialised whole: rows are dequantized a tile at a
 time into a reused workspace, multiplied, and dropped.  Backward recomputes the
 tiles the same way (``grad_x = grad_y @ W``), so no dense weight is ever saved.
 
-Why the dequantization looks the way it does (CPU, measured on 2 AVX2 cores):
-the straightforward unpack (shift every word by every offset, mask, cast, gather
-scales by ``g_idx``) makes ~8 full passes over an ``[out, in]`` tensor and costs
-as much as an fp32 matmul over 512 tokens.  Here a weight tile costs two or
-three passes:
+This module holds the entry points (:func:`forward`, :func:`grad_input`,
+:func:`grad_scales`, :func:`grad_sparse_values`), the tiling and the outliers; the
+jobs below them live in their own modules (and their public names are re-exported
+here):
 
-1. **byte lookup tables**: the packed int32 words are read as bytes and one
-   ``index_select`` maps each byte (4-bit: two codes; 2-bit: four codes) or each
-   12-bit "quad" index (3-bit: four codes, two low-bit pairs + high bits) to the
-   *float* values of all its codes at once (the table entry is 8 or 16 bytes,
-   selected as one int64 / complex128 element).  For codebooks the table holds
-   the 16 levels, so the lookup *is* the dequantization up to the block scale;
-   for symmetric integers the implicit zero is folded into the table.
-2. **the scale pass**: ``(q - z) * s`` per (row, group) over a ``[rows, groups,
-   group_size]`` view (two in-place ops; a broadcasting ``addcmul`` is 2.5x slower
-   on CPU), or ``v * absmax`` over the flattened blocks of a codebook format.
-   Both round exactly like the formats' own ``dequantize_rows``.
+- :mod:`.torch_dequant`: byte lookup tables, code unpacking and the scale pass
+  (:func:`dequantize_rows_fast`), the per-thread workspace and derived-buffer caches;
+- :mod:`.torch_int4pack`: the packed-int4 aten matmul for bf16 activations and few
+  tokens on CPU (:func:`use_int4pack`, :data:`INT4PACK_MAX_TOKENS`);
+- :mod:`.torch_scales`: the trainable-scales gradient (:func:`scale_buffer_name`,
+  :func:`unscaled_rows`) and the float64 reference path.
 
 Activations in bf16/fp16 are multiplied in fp32 on CPUs without native bf16
 matmul (AVX2: a bf16 GEMM is 5-15x slower than fp32 there), and the result is
 cast back.
-
-**Packed int4 matmul (CPU, bf16 activations, few tokens).**  Uniform 3- and
-4-bit formats whose group size is a multiple of 32 (per-channel included: its
-scale is repeated per 32..256 columns; ``in`` is zero-padded as needed) run on
-``torch.ops.aten._weight_int4pack_mm_for_cpu``, which reads 4-bit codes
-directly (``w = (q - 8) * s + zero`` with bf16 ``s``/``zero``: ours maps via
-``zero = s * (8 - z)``, rounded to bf16 like the activations; 2-bit is excluded
-because that rounding would exceed a bf16 weight's).  It needs its own weight layout, so the
-first call caches a repacked copy per packed buffer (weakly keyed on the
-``qweight`` tensor, invalidated when any of its buffers is modified in place):
-**extra memory = ``out * in / 2`` bytes for the codes + ``4 * out * in / 32..256``
-bytes of bf16 scale/zero pairs**, i.e. about as much again as an int4 weight
-(1.33x an int3 weight).  It is used only up to :data:`INT4PACK_MAX_TOKENS`
-tokens, where it reads 8x fewer bytes than an fp32 matmul; above that the
-tiled path (fp32 GEMM on AVX2) is faster.  Backward never uses it.
-
-**Decoding with fp32 activations** stays dequantization-bound (~0.5-1 ns per
-weight per call on one AVX2 core, ~8-18x an fp32 GEMV at one token on
-SmolLM2-sized layers): ATen's packed int4/int8 kernels are 10-100x slower with
-fp32 than with bf16 activations here, and a cached dense copy would defeat the
-point of packing.  Use bf16 activations to decode uniform 3/4-bit weights.
 
 **Outliers.**  Weak columns are a separate small product ``x[:, idx] @ C.T``
 (the base runs on ``x[:, keep]``); sparse outliers are added into each tile
@@ -53,279 +26,28 @@ point of packing.  Use bf16 activations to decode uniform 3/4-bit weights.
 chunked ``index_add_`` product.
 
 **Memory.**  Besides the result, a call holds one tile of at most
-:data:`TILE_ELEMENTS` fp32 values plus its byte indices, in a per-thread
-workspace reused across calls (so repeated calls never touch fresh pages).
-Per packed tensor, small derived buffers are cached (weakly keyed on the buffer
-they derive from, rebuilt when it is modified in place): the 2 KB byte table of
-a codebook and asymmetric zero points as one uint8 per (row, group).
+:data:`TILE_ELEMENTS` fp32 values plus its byte indices, in the per-thread
+workspace of :mod:`.torch_dequant` (reused across calls).  :data:`TILE_ELEMENTS`
+lives here, beside every tiled loop (:func:`grad_scales` hands its tiles to
+:mod:`.torch_scales`), so patching it on this module (tests do, to get many tiles)
+reaches them all.  :data:`INT4PACK_MAX_TOKENS` is only re-exported: patch it on
+:mod:`.torch_int4pack`, where :func:`use_int4pack` reads it.
 """
 
 from __future__ import annotations
 
-import sys
-import threading
-
 import torch
 
-from wct.formats.codebook_format import CodebookFormat
-from wct.formats.integer import IntegerFormat
-
 from .spec import PackedWeight
+from .torch_dequant import dequantize_rows_fast, fast_rows_supported
+from .torch_int4pack import INT4PACK_MAX_TOKENS, int4pack_group, int4pack_mm, use_int4pack
+from .torch_scales import grad_base_scales, has_fp64_scales, scale_buffer_name, scaled_rows_fp64, unscaled_rows
 
 TILE_ELEMENTS = 1 << 21  # ~8 MB of fp32 per tile: big enough for BLAS, small beside activations
-INT4PACK_MAX_TOKENS = 48  # above this the fp32 GEMM of the tiled path wins on AVX2 (see bench_kernels.md)
-_INT4PACK_GROUPS = (256, 128, 64, 32)  # group sizes the aten kernel accepts, largest first
-_LITTLE_ENDIAN = sys.byteorder == "little"
 
 
 def rows_per_tile(packed: PackedWeight) -> int:
     return max(1, min(packed.out_features, TILE_ELEMENTS // max(1, packed.in_features)))
-
-
-# --------------------------------------------------------------------------- workspace
-_tls = threading.local()
-
-
-def _outside_inference_mode(fn):
-    """Build cached tensors as normal tensors, even when first called under ``torch.inference_mode``.
-
-    A cache filled during an ``inference_mode`` evaluation would otherwise hold *inference
-    tensors*, and the next in-place write (a workspace) or use in a graph outside that mode
-    (calibration, training) raises.  Found when a benchmark evaluated one model and then
-    quantized the next in the same process.
-    """
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with torch.inference_mode(False):
-            return fn(*args, **kwargs)
-
-    return wrapper
-
-
-def _workspace(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A 1-D ``[numel]`` buffer reused across calls on this thread (grown, never shrunk)."""
-    bufs = getattr(_tls, "bufs", None)
-    if bufs is None:
-        bufs = _tls.bufs = {}
-    key = (name, dtype, device)
-    buf = bufs.get(key)
-    if buf is None or buf.numel() < numel:
-        with torch.inference_mode(False):  # see _outside_inference_mode
-            buf = bufs[key] = torch.empty(numel, dtype=dtype, device=device)
-    return buf[:numel]
-
-
-# --------------------------------------------------------------------------- lookup tables
-try:
-    from torch.utils.weak import WeakIdKeyDictionary
-except ImportError:  # pragma: no cover - very old torch
-    WeakIdKeyDictionary = None
-
-_LUT_CACHE: dict[tuple, torch.Tensor] = {}  # integer tables: keyed by (bits, offset, device)
-_CODE_LUTS = WeakIdKeyDictionary() if WeakIdKeyDictionary is not None else None  # codebook tables per buffer
-_ZERO_POINTS = WeakIdKeyDictionary() if WeakIdKeyDictionary is not None else None  # uint8 zeros per qzeros
-
-
-def _pair_lut(values: torch.Tensor) -> torch.Tensor:
-    """``[256]`` int64: byte ``b`` -> the fp32 pair ``(values[b & 15], values[b >> 4])`` (4-bit codes)."""
-    b = torch.arange(256, device=values.device)
-    pairs = torch.stack([values[b & 15], values[b >> 4]], dim=-1).float().contiguous()  # [256, 2]
-    return pairs.view(torch.int64).view(256)
-
-
-def _quad_lut_2bit(values: torch.Tensor) -> torch.Tensor:
-    """``[256]`` complex128: byte -> fp32 values of its four 2-bit codes (16 bytes per entry)."""
-    b = torch.arange(256, device=values.device)
-    quads = torch.stack([values[(b >> (2 * j)) & 3] for j in range(4)], dim=-1).float().contiguous()
-    return quads.view(torch.complex128).view(256)
-
-
-def _quad_lut_3bit(values: torch.Tensor) -> torch.Tensor:
-    """``[4096]`` complex128: ``low_byte | high_nibble << 8`` -> fp32 values of four 3-bit codes."""
-    i = torch.arange(4096, device=values.device)
-    low, high = i & 255, i >> 8
-    quads = [values[((low >> (2 * j)) & 3) | (((high >> j) & 1) << 2)] for j in range(4)]
-    return torch.stack(quads, dim=-1).float().contiguous().view(torch.complex128).view(4096)
-
-
-@_outside_inference_mode
-def _integer_lut(bits: int, offset: float, device: torch.device) -> torch.Tensor:
-    """Table of ``code - offset`` for every code of a uniform format (cached: it depends on bits only)."""
-    key = ("int", bits, offset, device)
-    lut = _LUT_CACHE.get(key)
-    if lut is None:
-        values = torch.arange(2**bits, dtype=torch.float32, device=device) - offset
-        lut = {4: _pair_lut, 2: _quad_lut_2bit, 3: _quad_lut_3bit}[bits](values)
-        _LUT_CACHE[key] = lut
-    return lut
-
-
-# --------------------------------------------------------------------------- code unpacking
-@_outside_inference_mode
-def _nibble_shifts(device: torch.device) -> torch.Tensor:
-    key = ("shifts", device)
-    t = _LUT_CACHE.get(key)
-    if t is None:
-        t = _LUT_CACHE[key] = torch.arange(0, 32, 4, dtype=torch.int32, device=device)
-    return t
-
-
-def _unpack_values(words: torch.Tensor, bits: int, lut: torch.Tensor | None) -> torch.Tensor:
-    """``words [rows, W]`` int32 -> fp32 ``[rows, W * 32 / bits]`` table values, in the workspace.
-
-    ``lut`` is the byte table for 2/3/4 bits; 8-bit codes are cast directly
-    (their offset is applied by the caller's scale pass).
-    """
-    rows, n_words = words.shape
-    dev = words.device
-    padded = n_words * 32 // bits
-    out = _workspace("values", rows * padded, torch.float32, dev)
-    raw = words.contiguous().view(torch.uint8)  # little-endian bytes: code 0 in the low bits of byte 0
-    if bits == 8:
-        out.view(rows, padded).copy_(raw)
-        return out.view(rows, padded)
-    if bits == 4:
-        idx = _workspace("idx", raw.numel(), torch.int32, dev)
-        idx.view_as(raw).copy_(raw)
-        torch.index_select(lut, 0, idx, out=out.view(torch.int64))
-        return out.view(rows, padded)
-    if bits == 2:
-        idx = _workspace("idx", raw.numel(), torch.int32, dev)
-        idx.view_as(raw).copy_(raw)
-        torch.index_select(lut, 0, idx, out=out.view(torch.complex128))
-        return out.view(rows, padded)
-    # 3 bits: a 32-code group is 12 bytes: 8 bytes of low-bit pairs (four codes each), then 4 bytes
-    # of high bits (eight codes each).  Quad j (codes 4j..4j+3) = low byte j + nibble j of the high
-    # word.  (Ops with a short inner dimension are slow in eager mode, hence contiguous copies first.)
-    n_groups = n_words // 3
-    high = _workspace("high", rows * n_groups, torch.int32, dev).view(rows, n_groups, 1)
-    high.copy_(words.view(rows, n_groups, 3)[..., 2:])
-    idx = _workspace("idx", rows * n_groups * 8, torch.int32, dev).view(rows, n_groups, 8)
-    torch.bitwise_right_shift(high, _nibble_shifts(dev), out=idx)
-    idx.bitwise_and_(15).bitwise_left_shift_(8)
-    all_bytes = _workspace("bytes", raw.numel(), torch.int32, dev).view(rows, n_groups, 12)
-    all_bytes.copy_(raw.view(rows, n_groups, 12))
-    idx.bitwise_or_(all_bytes[..., :8])
-    torch.index_select(lut, 0, idx.view(-1), out=out.view(torch.complex128))
-    return out.view(rows, padded)
-
-
-# --------------------------------------------------------------------------- fast dequantization
-@_outside_inference_mode
-def _zero_points(fmt: IntegerFormat, data: dict, shape: tuple[int, int]) -> torch.Tensor:
-    """Asymmetric zero points ``[out, groups]`` as uint8, cached per ``qzeros`` buffer.
-
-    Unpacking ``qzeros`` (packed along ``out``) takes ~8 small ops per call, a fixed cost
-    that shows on small layers; the cache holds one byte per (row, group), 1/64 byte per
-    weight at group size 64 (3 % of an int4 weight), and is rebuilt if the buffer changes.
-    """
-    qz = data["qzeros"]
-    hit = _ZERO_POINTS.get(qz) if _ZERO_POINTS is not None else None
-    if hit is not None and hit[0] == qz._version:
-        return hit[1]
-    z = fmt.zeros_matrix(data, shape).to(torch.uint8).contiguous()
-    if _ZERO_POINTS is not None:
-        _ZERO_POINTS[qz] = (qz._version, z)
-    return z
-
-
-def _integer_rows(qt, start: int, stop: int, out: torch.Tensor | None) -> torch.Tensor:
-    fmt: IntegerFormat = qt.format
-    data = qt.data
-    n_out, n_in = qt.shape
-    rows = stop - start
-    sym = fmt.sym
-    offset = float(2 ** (fmt.bits - 1)) if sym else 0.0
-    lut = None if fmt.bits == 8 else _integer_lut(fmt.bits, offset, data["qweight"].device)
-    q = _unpack_values(data["qweight"][start:stop], fmt.bits, lut)
-    if fmt.bits == 8 and sym:
-        q.sub_(offset)
-    s = data["scales"][start:stop].float()  # [rows, groups]
-    z = None if sym else _zero_points(fmt, data, qt.shape)[start:stop].float()  # [rows, groups]
-    if out is None:
-        out = q if q.shape[1] == n_in else _workspace("tile", rows * n_in, torch.float32, q.device).view(rows, n_in)
-    gs = fmt.group_size or n_in
-    full = n_in // gs
-    # full groups as one [rows, groups, gs] op, then the partial last group (if any)
-    for g0, g1, c0, c1 in ((0, full, 0, full * gs), (full, full + 1, full * gs, n_in)):
-        if c1 <= c0:
-            continue
-        width = c1 - c0 if g1 - g0 == 1 else gs
-        src = q[:, c0:c1].view(rows, g1 - g0, width)
-        dst = out[:, c0:c1].view(rows, g1 - g0, width)
-        if sym:
-            torch.mul(src, s[:, g0:g1, None], out=dst)
-        else:  # two in-place passes: measured 2.5x faster than one broadcasting addcmul
-            torch.sub(src, z[:, g0:g1, None], out=dst).mul_(s[:, g0:g1, None])
-    return out
-
-
-@_outside_inference_mode
-def _codebook_lut(code: torch.Tensor) -> torch.Tensor:
-    """The byte table of a ``code`` buffer, cached until the buffer changes (a few ops saved per call)."""
-    hit = _CODE_LUTS.get(code) if _CODE_LUTS is not None else None
-    if hit is not None and hit[0] == code._version:
-        return hit[1]
-    lut = _pair_lut(code)
-    if _CODE_LUTS is not None:
-        _CODE_LUTS[code] = (code._version, lut)
-    return lut
-
-
-def _codebook_rows(qt, start: int, stop: int, out: torch.Tensor | None) -> torch.Tensor:
-    fmt: CodebookFormat = qt.format
-    data = qt.data
-    n_in = qt.shape[1]
-    rows = stop - start
-    q = _unpack_values(data["qweight"][start:stop], 4, _codebook_lut(data["code"]))
-    if out is None:
-        out = q if q.shape[1] == n_in else _workspace("tile", rows * n_in, torch.float32, q.device).view(rows, n_in)
-    if out.data_ptr() != q.data_ptr():
-        out.copy_(q[:, :n_in])
-    scales = fmt.scales(data).float()
-    # blocks run over the row-major flattened weight: a head partial block, full blocks, a tail
-    bsz = fmt.block_size
-    flat = out.view(-1)
-    e0, length = start * n_in, rows * n_in
-    b0 = e0 // bsz
-    head = min(length, (-e0) % bsz)
-    if head:
-        flat[:head].mul_(scales[b0])
-        b0 += 1
-    n_full = (length - head) // bsz
-    if n_full:
-        flat[head : head + n_full * bsz].view(n_full, bsz).mul_(scales[b0 : b0 + n_full, None])
-    tail = length - head - n_full * bsz
-    if tail:
-        flat[length - tail :].mul_(scales[b0 + n_full])
-    return out
-
-
-def fast_rows_supported(qt) -> bool:
-    """Whether :func:`dequantize_rows_fast` has a table-driven path for this tensor's format."""
-    fmt = qt.format
-    if not _LITTLE_ENDIAN or qt.data["qweight"].dtype != torch.int32:
-        return False
-    if isinstance(fmt, IntegerFormat):
-        return fmt.bits in (2, 3, 4, 8)
-    return isinstance(fmt, CodebookFormat)
-
-
-def dequantize_rows_fast(qt, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Rows ``[start, stop)`` of ``qt`` as fp32 ``[rows, in]``, equal to ``qt.dequantize_rows``.
-
-    With ``out=None`` the result may live in this thread's workspace: use it
-    before the next call (or pass ``out``).  Falls back to the format's own
-    dequantization where no table path exists.
-    """
-    if not fast_rows_supported(qt):
-        w = qt.dequantize_rows(start, stop, torch.float32)
-        return w if out is None else out.copy_(w)
-    if isinstance(qt.format, IntegerFormat):
-        return _integer_rows(qt, start, stop, out)
-    return _codebook_rows(qt, start, stop, out)
 
 
 # --------------------------------------------------------------------------- outliers
@@ -393,7 +115,10 @@ def dense_tile(
     sparse_values: torch.Tensor | None,
 ) -> torch.Tensor:
     """Rows ``[start, stop)`` of ``deq(base) + columns + sparse`` as a fresh dense ``[rows, in]`` block."""
-    base = dequantize_rows_fast(packed.qweight, start, stop, out=_fresh_rows(packed, start, stop)).to(dtype)
+    if has_fp64_scales(packed.qweight):
+        base = scaled_rows_fp64(packed.qweight, start, stop).to(dtype)
+    else:
+        base = dequantize_rows_fast(packed.qweight, start, stop, out=_fresh_rows(packed, start, stop)).to(dtype)
     if packed.col_idx is not None:
         tile = torch.empty(stop - start, packed.in_features, dtype=dtype, device=base.device)
         tile[:, packed.keep] = base
@@ -413,8 +138,11 @@ def _fresh_rows(packed: PackedWeight, start: int, stop: int) -> torch.Tensor:
 
 def _base_tile(packed, start, stop, dtype, base_sp, sparse_values) -> torch.Tensor:
     """Rows of the *base* (kept columns) + sparse outliers, in ``dtype``; may live in the workspace."""
-    tile = dequantize_rows_fast(packed.qweight, start, stop)
-    if dtype != torch.float32:
+    if has_fp64_scales(packed.qweight):
+        tile = scaled_rows_fp64(packed.qweight, start, stop)
+    else:
+        tile = dequantize_rows_fast(packed.qweight, start, stop)
+    if tile.dtype != dtype:
         tile = tile.to(dtype)
     if base_sp is not None:
         _add_sparse_to_tile(tile, packed, base_sp, sparse_values, start, stop)
@@ -432,82 +160,8 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 # --------------------------------------------------------------------------- packed int4 (aten, CPU)
-_INT4PACK_CACHE = WeakIdKeyDictionary() if WeakIdKeyDictionary is not None else None
-_HAS_INT4PACK = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
-    torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"
-)
-
-
-def int4pack_group(qt) -> tuple[int, int] | None:
-    """``(g, padded_in)`` for the aten packed-int4 kernel, or ``None`` if the format does not map.
-
-    Every aten group of ``g`` columns must see one (scale, zero): ``g`` divides our group
-    size, or anything goes per channel.  ``in`` is zero-padded to a multiple of ``g`` (a
-    partial last group, or weak columns removed from the base): padded codes meet zero
-    activations.
-    """
-    fmt = qt.format
-    if not isinstance(fmt, IntegerFormat) or fmt.bits not in (3, 4):
-        return None  # 2-bit: the bf16 ``s * (8 - z)`` would err by more than a bf16 weight does
-    n_in = qt.shape[1]
-    if fmt.group_size is None:
-        padded = -(-n_in // 32) * 32
-        g = next(t for t in _INT4PACK_GROUPS if padded % t == 0)
-        return g, padded
-    for g in _INT4PACK_GROUPS:
-        if fmt.group_size % g == 0:
-            return g, -(-n_in // g) * g
-    return None
-
-
-def use_int4pack(packed: PackedWeight, x2d: torch.Tensor) -> bool:
-    return (
-        _HAS_INT4PACK
-        and _INT4PACK_CACHE is not None
-        and x2d.device.type == "cpu"
-        and x2d.dtype == torch.bfloat16
-        and x2d.shape[0] <= INT4PACK_MAX_TOKENS
-        and int4pack_group(packed.qweight) is not None
-    )
-
-
-@_outside_inference_mode
-def _int4pack_weight(qt) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """(packed codes, scale/zero pairs ``[in/g, out16, 2]`` bf16, g, padded in), cached per buffer."""
-    key = qt.data["qweight"]
-    versions = tuple((id(t), t._version) for t in qt.data.values())
-    hit = _INT4PACK_CACHE.get(key)
-    if hit is not None and hit[0] == versions:
-        return hit[1]
-    fmt: IntegerFormat = qt.format
-    n_out, n_in = qt.shape
-    g, padded = int4pack_group(qt)
-    s = qt.data["scales"].float()  # [out, groups]
-    z = fmt.zeros_matrix(qt.data, qt.shape)
-    rep = fmt.group_size // g if fmt.group_size else padded // g
-    s = s.repeat_interleave(rep, dim=1)[:, : padded // g]  # [out, padded / g]
-    z = z.repeat_interleave(rep, dim=1)[:, : padded // g]
-    pad_rows = (-n_out) % 16  # the kernel tiles 16 output rows
-    codes = torch.nn.functional.pad(qt.codes().to(torch.int32), (0, padded - n_in, 0, pad_rows))
-    s = torch.nn.functional.pad(s, (0, 0, 0, pad_rows))
-    z = torch.nn.functional.pad(z, (0, 0, 0, pad_rows))
-    w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
-    # aten: w = (q - 8) * s + zero;  ours: w = (q - z) * s  =>  zero = s * (8 - z)
-    sz = torch.stack([s, s * (8 - z)], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
-    entry = (w, sz, g, padded)
-    _INT4PACK_CACHE[key] = (versions, entry)
-    return entry
-
-
 def _forward_int4pack(packed: PackedWeight, x2d: torch.Tensor, col_values, sparse_values) -> torch.Tensor:
-    w, sz, g, padded = _int4pack_weight(packed.qweight)
-    n_base = packed.qweight.shape[1]
-    if padded == n_base:
-        xb = base_input(packed, x2d).contiguous()
-    else:
-        xb = x2d.new_zeros(x2d.shape[0], padded)
-        xb[:, :n_base] = base_input(packed, x2d)
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, w, g, sz)[:, : packed.out_features]
+    y = int4pack_mm(packed.qweight, base_input(packed, x2d))
     if packed.col_idx is None and packed.sparse_rows is None:
         return y.contiguous()
     y = y.float()
@@ -561,6 +215,15 @@ def grad_input(packed: PackedWeight, gy2d: torch.Tensor, col_values, sparse_valu
     return gx.to(gy2d.dtype)
 
 
+def grad_scales(packed: PackedWeight, gy2d: torch.Tensor, x2d: torch.Tensor) -> torch.Tensor:
+    """``dL/d scale`` of the packed base, a row tile at a time (:func:`.torch_scales.grad_base_scales`).
+
+    Pure torch, so it runs on CUDA tensors too: the Triton backend has no kernel for this
+    gradient, and the op (``wct.kernels.autograd``) always routes it here.
+    """
+    return grad_base_scales(packed.qweight, gy2d, base_input(packed, x2d), _tiles(packed))
+
+
 def grad_sparse_values(packed: PackedWeight, gy2d: torch.Tensor, x2d: torch.Tensor) -> torch.Tensor:
     """``dL/dv_e = sum_t gy[t, row_e] * x[t, col_e]`` in chunks of entries (memory bounded)."""
     nnz = packed.sparse_rows.numel()
@@ -576,11 +239,22 @@ def grad_sparse_values(packed: PackedWeight, gy2d: torch.Tensor, x2d: torch.Tens
 __all__ = [
     "INT4PACK_MAX_TOKENS",
     "TILE_ELEMENTS",
+    "base_input",
     "compute_dtype",
     "dense_tile",
     "dequantize_rows_fast",
+    "fast_rows_supported",
     "forward",
     "grad_input",
+    "grad_scales",
     "grad_sparse_values",
+    "int4pack_group",
     "rows_per_tile",
+    "scale_buffer_name",
+    "scaled_rows_fp64",
+    "scatter_base_grad",
+    "sparse_forward_",
+    "sparse_grad_input_",
+    "unscaled_rows",
+    "use_int4pack",
 ]

@@ -24,7 +24,7 @@ def dequantize_quant_linears(model: nn.Module) -> int:
                          "merged weights are what gets activation-quantized")
     targets = packed_layers(model)
     for name, q in targets.items():
-        device = next(iter(q.buffers())).device
+        device = q.qweight.device
         lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device=device)
         lin.weight.copy_(q.dequantize_weight(torch.float32))
         if q.bias is not None:

@@ -45,12 +45,13 @@ class WCTHfQuantizer(HfQuantizer):
     Training flags, as read by ``transformers.trainer_utils.validate_quantization_for_training``:
 
     * ``is_trainable = True``: required for *any* Trainer run on a model carrying
-      this quantizer, PEFT-wrapped or not.  The packed base is buffers only, so
+      this quantizer, PEFT-wrapped or not.  The packed base is frozen (parameters with
+      requires_grad=False and index buffers), so
       adapters (the WCT tuner, LoRA) train and the base stays frozen.
     * ``is_qat_trainable = False``: a bare quantized model with no adapter is
       refused by Trainer ("attach trainable adapters").  With True it would be
-      accepted but only embeddings and norms could change (QuantLinear has no
-      parameters), which is almost always a forgotten ``peft_config`` rather than
+      accepted but only embeddings and norms could change (QuantLinear's
+      parameters are frozen), which is almost always a forgotten ``peft_config`` rather than
       the intent; the explicit error is the better default.
     """
 
@@ -124,6 +125,7 @@ class WCTHfQuantizer(HfQuantizer):
             if not isinstance(module, QuantLinear):
                 raise WCTCheckpointError(f"{where}: expected a QuantLinear after loading, found {type(module).__name__}")
             restore_buffer_dtypes(where, module, spec)
+            module.freeze_storage_()  # transformers re-creates loaded float parameters with requires_grad=True
             module.validate(where)
         record_quantization(model, provenance(self.quantization_config))
         return model

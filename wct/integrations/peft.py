@@ -34,6 +34,10 @@
 4. **Models without a single ``nn.Parameter``** (every weight packed, the rest stored as buffers): PEFT 0.22's LoRA
    asks ``next(model.parameters()).device`` before it creates the first adapter and gets ``StopIteration``.
    ``get_device_map`` as LoRA's model module sees it falls back to the buffers' device.
+5. **Honest parameter counts.**  A packed layer stores its weight as frozen parameters (so that FSDP2 shards it),
+   whose element counts are not weights: an int32 ``qweight`` element holds 32/bits codes, ``scales`` one value per
+   group.  ``PeftModel.get_nb_trainable_parameters`` (and so ``print_trainable_parameters``) counts each packed
+   layer as ``in_features × out_features`` weights plus its bias instead, the count of the dense model it came from.
 
 :func:`load_adapter` is the checked way to load an adapter directory: it
 registers first (a bare ``PeftModel.from_pretrained`` without ``import wct`` dies
@@ -99,6 +103,7 @@ def register_wct_peft() -> None:
     _patch_lora_all_linear()
     _patch_moe_config_conversion()
     _patch_device_map()
+    _patch_parameter_count()
 
 
 def is_registered() -> bool:
@@ -109,6 +114,7 @@ def is_registered() -> bool:
         and getattr(LoraModel._prepare_model, _MARK, False)
         and (twc is None or getattr(twc.convert_peft_config_for_transformers, _MARK, False))
         and getattr(lora_model_module.get_device_map, _MARK, False)
+        and getattr(PeftModel.get_nb_trainable_parameters, _MARK, False)
     )
 
 
@@ -243,6 +249,31 @@ def _patch_device_map() -> None:
 
     setattr(get_device_map, _MARK, True)
     lora_model_module.get_device_map = get_device_map
+
+
+def packed_storage_correction(model: nn.Module) -> int:
+    """What to add to a plain ``numel`` sum over ``model.parameters()`` so that every packed layer counts as its
+    ``in × out`` weights (+ bias) rather than its stored elements."""
+    extra = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            stored = sum(p.numel() for n, p in m.named_parameters(recurse=False) if n != "bias")
+            extra += m.in_features * m.out_features - stored
+    return extra
+
+
+def _patch_parameter_count() -> None:
+    original = PeftModel.get_nb_trainable_parameters
+    if getattr(original, _MARK, False):
+        return
+
+    @functools.wraps(original)
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable, total = original(self)
+        return trainable, total + packed_storage_correction(self)
+
+    setattr(get_nb_trainable_parameters, _MARK, True)
+    PeftModel.get_nb_trainable_parameters = get_nb_trainable_parameters
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ _RECIPE_FIELDS = [
     ("calib_samples", int, field(default=32, metadata={"help": "calibration windows"})),
     ("calib_seq_len", int, field(default=512, metadata={"help": "calibration window length"})),
     ("quantized_base", str | None, field(default=None, metadata={"help": "an already packed wct checkpoint to train on"})),
-    ("wct_trainable", str, field(default="weak_columns", metadata={"help": "weak_columns | outliers | all"})),
+    ("wct_trainable", str, field(default="weak_columns", metadata={"help": "weak_columns | outliers | scales | all, or a '+'-join such as weak_columns+scales"})),
     ("wct_create_columns", int, field(default=0, metadata={"help": "split k 16-bit columns per layer out of a base without them"})),
     ("eval_size", int, field(default=500, metadata={"help": "records held out for evaluation (fixed shuffle by --seed)"})),
     ("merged_dir", str | None, field(default=None, metadata={"help": "where to save the merged packed model (default output_dir/merged)"})),

@@ -80,7 +80,7 @@ def check_files_against_model(model: nn.Module, layers: dict[str, dict], files: 
         where, module = resolve_module(model, name)
         in_file = next((c for c in name_candidates(model, where) if f"{c}.qweight" in tensors), where)
         listed.add(in_file)
-        expected = {b: (tuple(t.shape), _ST_DTYPE.get(t.dtype, str(t.dtype))) for b, t in module.named_buffers(recurse=False)}
+        expected = {b: (tuple(t.shape), _ST_DTYPE.get(t.dtype, str(t.dtype))) for b, t in module.named_storage()}
         for buf, (shape, dtype) in expected.items():
             got = tensors.get(f"{in_file}.{buf}")
             if got is None:
@@ -117,8 +117,9 @@ def restore_buffer_dtypes(name: str, module: QuantLinear, spec: dict[str, Any]) 
     (fp16 -> fp32 -> fp16 is lossless); any other mismatch is an error.
     """
     ref = QuantLinear.from_spec(module.in_features, module.out_features, spec, device="meta")
-    for buf, want in ref.named_buffers(recurse=False):
-        have = module._buffers.get(buf)
+    have_all = dict(module.named_storage())
+    for buf, want in ref.named_storage():
+        have = have_all.get(buf)
         if have is None:
             raise WCTCheckpointError(f"{name}: buffer '{buf}' was not loaded")
         if tuple(have.shape) != tuple(want.shape):
@@ -130,7 +131,7 @@ def restore_buffer_dtypes(name: str, module: QuantLinear, spec: dict[str, Any]) 
         if have.is_floating_point() and want.is_floating_point():
             back = have.to(want.dtype)
             if torch.equal(back.to(have.dtype), have):
-                module._buffers[buf] = back
+                module.set_storage(buf, back)
                 continue
         raise WCTCheckpointError(
             f"{name}: buffer '{buf}' loaded as {have.dtype}, but its layer spec needs {want.dtype} and the values do "

@@ -1,9 +1,17 @@
 """``QuantLinear``: a drop-in ``nn.Linear`` whose weight lives in packed storage.
 
-Everything is a buffer (frozen, saved in the state dict, moved with ``.to``):
-the packed base (``qweight``, ``scales`` ... as the format names them), optional
-weak columns (``col_idx``, ``col_values``), optional sparse outliers
-(``sp_rowptr``, ``sp_cols``, ``sp_values``) and an optional ``bias``.
+Storage (saved in the state dict under these names, moved with ``.to``, never cast by it):
+
+* frozen ``nn.Parameter`` s (``requires_grad=False``): the packed base (``qweight``, ``scales`` ... as the
+  format names them), the weak columns' values ``col_values``, the sparse outliers' ``sp_cols`` and
+  ``sp_values``, and the optional ``bias``.  Parameters, not buffers, so that FSDP2 (``fully_shard``) shards
+  them like any weight (docs/distributed.md); frozen, so optimizers, DDP gradient buckets and PEFT leave them
+  alone.
+* buffers: the two structure indices ``col_idx`` (which input columns are weak, ``n_weak`` int32) and
+  ``sp_rowptr`` (CSR row pointers, ``out + 1`` int32).  Both are O(out) or O(n_weak), independent of the
+  input width (under 2% of a 3-bit layer's bytes), and tuners read them outside the layer's forward (to check
+  an adapter's indices, to build its delta weight), where FSDP2 would show a parameter as a shard: kept
+  whole on every rank.
 
 The layer knows nothing about adapters.  A tuner that wants to train the
 outlier values keeps its own parameters and passes them to :meth:`forward`
@@ -20,6 +28,7 @@ from torch import nn
 
 from wct.formats import Format, QuantizedTensor, get_format
 from wct.kernels import PackedWeight, layout_of, quant_linear_raw
+from wct.kernels.torch_backend import scale_buffer_name
 from wct.outliers import ColumnOutliers, SparseOutliers, index_dtype, keep_index
 
 _OUTLIER_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -31,6 +40,25 @@ def _float_dtype(name: Any, field: str) -> torch.dtype:
     if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
         raise ValueError(f"layer spec field {field!r} must name a floating torch dtype (e.g. 'float32'), got {name!r}")
     return dt
+
+
+def _refuse_cast_storage(layer: "QuantLinear", args: tuple) -> None:
+    """Forward pre-hook: every stored tensor must reach the kernel in the dtype it was packed in.
+
+    ``.to(dtype)`` cannot change them (:meth:`QuantLinear._apply`), but FSDP2's ``MixedPrecisionPolicy(param_dtype=
+    torch.bfloat16)`` casts every floating parameter of its group while gathering it: fp16 scales and outliers would
+    be rounded to bf16 in every forward, silently (integer codes are never cast).  Shard packed layers with
+    ``wct.integrations.fsdp.shard_packed_layers`` (their own group, no cast) before sharding the blocks.
+    """
+    for name, want in layer._storage_dtypes.items():
+        got = getattr(layer, name).dtype
+        if got != want:
+            raise TypeError(
+                f"QuantLinear storage '{name}' arrived as {got}, but it is packed as {want}: something cast the packed "
+                "weight (FSDP2 MixedPrecisionPolicy(param_dtype=...) on a group holding packed layers?). Casting would "
+                "round the quantized weight silently; call wct.integrations.fsdp.shard_packed_layers(model) before "
+                "fully_shard / accelerator.prepare (docs/distributed.md)"
+            )
 
 
 class QuantLinear(nn.Module):
@@ -46,7 +74,7 @@ class QuantLinear(nn.Module):
         bias_dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
-        """Build a layer with zero-filled buffers of the right shapes (e.g. to load a checkpoint into).
+        """Build a layer with zero-filled storage of the right shapes (e.g. to load a checkpoint into).
 
         Use :meth:`from_linear` to quantize an existing ``nn.Linear``.
         """
@@ -67,15 +95,45 @@ class QuantLinear(nn.Module):
         # the custom op's description of the packed base, built here: json is not traceable by torch.compile
         self._layout = layout_of(fmt, self._base_names, base.shape, in_features, out_features)
         for name, t in base.data.items():
-            self.register_buffer(name, t)
+            self._frozen(name, t)
         if n_weak:
             self.register_buffer("col_idx", torch.zeros(n_weak, dtype=torch.int32, device=device))
-            self.register_buffer("col_values", torch.zeros(out_features, n_weak, dtype=odt, device=device))
+            self._frozen("col_values", torch.zeros(out_features, n_weak, dtype=odt, device=device))
         if nnz:
             self.register_buffer("sp_rowptr", torch.zeros(out_features + 1, dtype=torch.int32, device=device))
-            self.register_buffer("sp_cols", torch.zeros(nnz, dtype=index_dtype(in_features), device=device))
-            self.register_buffer("sp_values", torch.zeros(nnz, dtype=odt, device=device))
-        self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device) if bias else None)
+            self._frozen("sp_cols", torch.zeros(nnz, dtype=index_dtype(in_features), device=device))
+            self._frozen("sp_values", torch.zeros(nnz, dtype=odt, device=device))
+        self._frozen("bias", torch.zeros(out_features, dtype=bias_dtype, device=device) if bias else None)
+        self._storage_dtypes = {n: t.dtype for n, t in self.named_storage()}
+        self.register_forward_pre_hook(_refuse_cast_storage)
+
+    # --- storage -------------------------------------------------------------
+    def _frozen(self, name: str, t: torch.Tensor | None) -> None:
+        self.register_parameter(name, None if t is None else nn.Parameter(t, requires_grad=False))
+
+    def named_storage(self) -> list[tuple[str, torch.Tensor]]:
+        """Every tensor this layer stores (frozen parameters and index buffers), in state-dict order.
+
+        The one list for code that copies, snapshots, checks or replaces a layer's storage: it does not care
+        which tensors are parameters and which are buffers.
+        """
+        return [(n, t) for n, t in (*self._parameters.items(), *self._buffers.items()) if t is not None]
+
+    def set_storage(self, name: str, t: torch.Tensor) -> None:
+        """Replace stored tensor ``name`` (same kind as before: frozen parameter or buffer)."""
+        if name in self._parameters and self._parameters[name] is not None:
+            self._frozen(name, t.detach())
+        elif name in self._buffers and self._buffers[name] is not None:
+            self._buffers[name] = t
+        else:
+            raise KeyError(f"QuantLinear stores no tensor {name!r}")
+
+    def freeze_storage_(self) -> "QuantLinear":
+        """``requires_grad=False`` on every stored parameter (a loader may hand floats over as trainable)."""
+        for p in self._parameters.values():
+            if p is not None:
+                p.requires_grad_(False)
+        return self
 
     # --- construction --------------------------------------------------------
     @classmethod
@@ -170,7 +228,7 @@ class QuantLinear(nn.Module):
         )
 
     def spec(self) -> dict[str, Any]:
-        """JSON-serialisable description of this layer's buffers (everything but the numbers)."""
+        """JSON-serialisable description of this layer's storage (everything but the numbers)."""
         return {
             "format": self.fmt.to_dict(),
             "n_weak": self.n_weak,
@@ -210,12 +268,15 @@ class QuantLinear(nn.Module):
 
     # --- compute -------------------------------------------------------------
     def forward(
-        self, x: torch.Tensor, col_values: torch.Tensor | None = None, sparse_values: torch.Tensor | None = None
+        self, x: torch.Tensor, col_values: torch.Tensor | None = None, sparse_values: torch.Tensor | None = None,
+        scales: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``x @ W.T + b`` through the ``torch.ops.wct.quant_linear`` custom op.
 
         The op gets the raw buffers: everything with a data-dependent size (kept columns, sparse
         rows) is derived inside it, so ``torch.compile`` sees one opaque node and no graph break.
+        ``scales``: values used in place of the base's scale buffer (:attr:`scale_name`), e.g. a
+        tuner's trainable copy; gradients reach it through the op.
         """
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, the quantized weight expects {self.in_features}")
@@ -224,11 +285,20 @@ class QuantLinear(nn.Module):
         if self.nnz and sparse_values is None:
             sparse_values = self.sp_values
         base = [getattr(self, n) for n in self._base_names]
+        if scales is not None:
+            base[self._base_names.index(self.scale_name)] = scales
         return quant_linear_raw(
             x, base, self._layout, self.col_idx if self.n_weak else None, col_values,
             self.sp_rowptr if self.nnz else None, self.sp_cols if self.nnz else None, sparse_values, self.bias,
         )
 
+
+    @property
+    def scale_name(self) -> str | None:
+        """The base buffer holding trainable scales: ``"scales"`` (integer formats), ``"absmax"`` (codebooks
+        without double quantization), or None (double-quantized block scales are int8 codes of scales)."""
+        name = scale_buffer_name(self.fmt)
+        return name if name in self._base_names else None
 
     @torch.no_grad()
     def dequantize_weight(
@@ -246,7 +316,7 @@ class QuantLinear(nn.Module):
 
     @torch.no_grad()
     def set_outlier_values(self, col_values: torch.Tensor | None = None, sparse_values: torch.Tensor | None = None):
-        """Write (trained) outlier values back into the frozen buffers."""
+        """Write (trained) outlier values back into the frozen storage."""
         if col_values is not None:
             self.col_values.copy_(col_values.to(self.col_values.dtype))
         if sparse_values is not None:
@@ -256,16 +326,18 @@ class QuantLinear(nn.Module):
         """Follow device moves, never dtype casts.
 
         ``model.to(torch.bfloat16)`` would otherwise round the fp16 scales and outliers and the
-        fp32 codebook/absmax buffers, silently changing the quantized weight; the layer computes
-        in the input's dtype anyway.
+        fp32 codebook/absmax tensors, silently changing the quantized weight; the layer computes
+        in the input's dtype anyway.  Applies to the parameters and the buffers alike (the cast is
+        refused per tensor, before ``nn.Module`` writes the result back in place).
         """
-        before = {n: b for n, b in self._buffers.items() if b is not None}
-        super()._apply(fn, recurse)
-        for n, old in before.items():
-            new = self._buffers[n]
-            if new is not None and new.dtype != old.dtype:
-                self._buffers[n] = old.to(device=new.device)
-        return self
+
+        def keep_dtype(t):
+            out = fn(t)
+            if out.dtype != t.dtype:
+                out = t if out.device == t.device else t.to(device=out.device)
+            return out
+
+        return super()._apply(keep_dtype, recurse)
 
     # --- accounting ----------------------------------------------------------
     @property
@@ -282,7 +354,7 @@ class QuantLinear(nn.Module):
         return 8.0 * self.nbytes / (self.in_features * self.out_features)
 
     def validate(self, name: str = "") -> None:
-        """Check buffers against the layer spec: shapes, dtypes, index ranges, finite scales."""
+        """Check the stored tensors against the layer spec: shapes, dtypes, index ranges, finite scales."""
         where = f"{name}: " if name else ""
         try:
             qt = self.quantized_base()

@@ -103,7 +103,7 @@ def requantize_(layer: QuantLinear, weight: torch.Tensor) -> None:
             f"requantization changed the outlier structure ({layer.n_weak}, {layer.nnz}) -> ({new.n_weak}, {new.nnz}); "
             "the layer's sparse outliers overlap its weak columns, which QuantLinear.from_linear never produces"
         )
-    for name, buf in new.named_buffers():
+    for name, buf in new.named_storage():
         getattr(layer, name).copy_(buf)
 
 
@@ -212,7 +212,7 @@ class QuantLoraLinear(nn.Module, LoraLayer):
         if safe_merge and not bool(torch.isfinite(weight).all()):
             raise ValueError(f"NaN/Inf in the merged weight: adapter(s) {names} seem broken, refusing to merge")
         if self._premerge is None:
-            self._premerge = {n: b.detach().clone() for n, b in base.named_buffers()}
+            self._premerge = {n: b.detach().clone() for n, b in base.named_storage()}
         requantize_(base, weight)
         if bias_delta is not None:
             base.bias.add_(bias_delta.to(base.bias.dtype))
@@ -225,7 +225,7 @@ class QuantLoraLinear(nn.Module, LoraLayer):
             return
         base = self.get_base_layer()
         with torch.no_grad():
-            for name, buf in base.named_buffers():
+            for name, buf in base.named_storage():
                 buf.copy_(self._premerge[name])
         self._premerge = None
         self.merged_adapters.clear()

@@ -26,9 +26,32 @@ from typing import Any, Optional, Union
 
 from peft import PeftConfig
 
-TRAINABLE = ("weak_columns", "outliers", "all")
-CREATE_SCORES = ("hessian_error", "activation", "weight")
+TRAINABLE_PARTS = ("weak_columns", "outliers", "scales")
+# single words; any "+"-join of the parts is valid too ("weak_columns+scales"), and "all" may be joined with "scales"
+TRAINABLE = ("weak_columns", "outliers", "scales", "all")
+CREATE_SCORES = ("hessian_error", "activation", "weight", "fisher")
 DATA_FREE_SCORES = ("weight",)
+SCALE_FORMATS = (
+    "integer formats (int2/int3/int4/int8, per-channel or group-wise scales) and codebook formats without double "
+    "quantization (nf4/af4/bof4/bof4s, one fp32 absmax per block)"
+)
+
+
+def trainable_parts(trainable: Union[str, list, tuple]) -> frozenset:
+    """The parts a ``trainable`` value names: ``"all"`` is the weak columns and the outliers (its meaning
+    before scales could train, kept so that saved adapters keep their shapes), ``"a+b"`` or ``[a, b]`` both."""
+    words = list(trainable) if isinstance(trainable, (list, tuple, set, frozenset)) else str(trainable).split("+")
+    words = [str(w).strip() for w in words]
+    bad = [w for w in words if w not in TRAINABLE]
+    if bad or not words:
+        raise ValueError(
+            f"trainable must be one of {TRAINABLE} or a '+'-join of {TRAINABLE_PARTS} (e.g. 'weak_columns+scales'), "
+            f"got {trainable!r}"
+        )
+    parts = set()
+    for w in words:
+        parts |= {"weak_columns", "outliers"} if w == "all" else {w}
+    return frozenset(parts)
 ADAPTER_DTYPES = ("float32", "bfloat16", "float16")
 ALL_LINEAR = "all-linear"
 WCT_PREFIX = "wct_"
@@ -66,8 +89,17 @@ class WCTConfig(PeftConfig):
             whole ``QuantExperts``) means every expert layer in it.
         exclude_modules: names/suffixes or a regex of modules to leave alone.
         trainable: ``"weak_columns"`` (the ``[out, k]`` 16-bit columns), ``"outliers"``
-            (the sparse 16-bit values) or ``"all"``. Layers that hold none of the chosen
-            kind are left unwrapped.
+            (the sparse 16-bit values), ``"scales"`` (the base's own per-channel/per-group
+            scales, or a codebook's per-block absmax: PEQA-style; the codes stay frozen),
+            ``"all"`` (weak columns and outliers: the meaning it had before scales could
+            train), or a ``"+"``-join such as ``"weak_columns+scales"`` (a list is joined).
+            Layers that hold none of the chosen kinds are left unwrapped; scales are refused
+            on a format without trainable scales (double-quantized codebooks). Memory of
+            ``"scales"``: per scale an fp32 master value, its gradient and two AdamW moments
+            (16 bytes) plus the original (2 bytes, for unmerge), i.e. ``18 · out · groups``
+            bytes per layer (``18 · out`` per channel, ``0.14`` bytes per weight at group
+            128, ``0.28`` per weight for a block-64 codebook); and the backward pass keeps
+            each targeted layer's whole input (``tokens × in``) instead of its weak columns.
         create_columns: when ``> 0``, a targeted ``QuantLinear`` without weak columns
             gets ``k`` of its columns split out of the packed base into 16-bit
             trainable columns at injection time (``create_score`` picks them). Only the
@@ -75,7 +107,9 @@ class WCTConfig(PeftConfig):
             :func:`wct.tuners.wct.create_weak_columns` on the model first.
         create_score: ``"weight"`` (column norm of the dequantized base, a weak proxy:
             see :mod:`wct.tuners.wct.create`), ``"hessian_error"`` or ``"activation"``
-            (both need calibration statistics, hence :func:`create_weak_columns`).
+            (both need calibration statistics, hence :func:`create_weak_columns`), or
+            ``"fisher"`` (needs batches of the fine-tuning data, also through
+            :func:`create_weak_columns`).
         modules_to_save: extra modules trained in full and saved with the adapter.
             Use dotted names such as ``"model.norm"``: PEFT matches these by suffix, so
             ``"norm"`` would also catch every ``input_layernorm``.
@@ -116,7 +150,9 @@ class WCTConfig(PeftConfig):
         default=None, metadata={"help": "Names/suffixes or a regex of modules not to tune."}
     )
     trainable: str = field(
-        default="weak_columns", metadata={"help": "What to train: 'weak_columns', 'outliers' or 'all'."}
+        default="weak_columns",
+        metadata={"help": "What to train: 'weak_columns', 'outliers', 'scales', 'all' (columns and outliers), "
+                          "or a '+'-join such as 'weak_columns+scales'."},
     )
     create_columns: int = field(
         default=0, metadata={"help": "Split this many 16-bit columns out of bases that have none (0: never)."}
@@ -164,23 +200,25 @@ class WCTConfig(PeftConfig):
         self.layers_to_transform = layers
         # also re-applied when a config is read back from adapter_config.json (a plain "WCT")
         self.peft_type = WCT_PEFT_TYPE
-        if self.trainable not in TRAINABLE:
-            raise ValueError(f"trainable must be one of {TRAINABLE}, got {self.trainable!r}")
+        if isinstance(self.trainable, (list, tuple, set, frozenset)):
+            self.trainable = "+".join(self.trainable)
+        parts = trainable_parts(self.trainable)
         if self.adapter_dtype not in ADAPTER_DTYPES:
             raise ValueError(f"adapter_dtype must be one of {ADAPTER_DTYPES}, got {self.adapter_dtype!r}")
         if self.create_score not in CREATE_SCORES:
             raise ValueError(f"create_score must be one of {CREATE_SCORES}, got {self.create_score!r}")
         if not isinstance(self.create_columns, int) or self.create_columns < 0:
             raise ValueError(f"create_columns must be an int >= 0, got {self.create_columns!r}")
-        if self.create_columns and self.trainable == "outliers":
+        if self.create_columns and "weak_columns" not in parts:
             raise ValueError(
-                "create_columns makes weak columns, but trainable='outliers' would not train them; "
-                "use trainable='weak_columns' or 'all'"
+                f"create_columns makes weak columns, but trainable={self.trainable!r} would not train them; "
+                "add 'weak_columns' (e.g. 'weak_columns+scales')"
             )
         if self.create_columns and self.create_score not in DATA_FREE_SCORES:
             raise ValueError(
-                f"create_score={self.create_score!r} needs calibration statistics, which a config cannot carry. "
-                "Call wct.tuners.wct.create_weak_columns(model, k, calibration=...) before get_peft_model "
+                f"create_score={self.create_score!r} needs data (calibration statistics or training batches), which a "
+                "config cannot carry. Call wct.tuners.wct.create_weak_columns(model, k, calibration=... or data=...) "
+                "before get_peft_model "
                 "(and leave create_columns=0), or use create_score='weight'"
             )
         if not isinstance(self.init_weights, bool):

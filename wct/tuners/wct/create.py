@@ -17,6 +17,10 @@ scale for a codebook).  The scores are:
   sensitivity (calibration data needed for ``H_jj``);
 * ``"activation"``: ``H_jj`` alone (OWQ's "hessian" mode): channels that carry
   large activations amplify any error, and any update, in their column;
+* ``"fisher"``: ``Σ_b Σ_r g_b[r, j]² · ΔW[r, j]²`` with ``g_b`` the loss gradient w.r.t. the
+  weight on batches of the *fine-tuning* data (``data=``), ``ΔW`` exact when an unquantized
+  ``reference`` model is given, else ``E[ΔW² | code]`` as above: task-aware columns
+  (:mod:`.fisher`);
 * ``"weight"``: ``‖W_deq[:, j]‖₂`` with no data at all.  A weak proxy: how much a
   column matters is driven by the *activations* it multiplies (LLMs have a few
   input channels with 10-100x larger activations, invisible in the weights), and
@@ -79,6 +83,12 @@ def expected_quant_error(layer: QuantLinear) -> torch.Tensor:
     Positions held exactly (sparse outliers) count zero.  For a format this module
     does not know, falls back to a relative-error model (``E[Δw²] ∝ w_deq²``).
     """
+    return expected_quant_error_matrix(layer).sum(0)
+
+
+@torch.no_grad()
+def expected_quant_error_matrix(layer: QuantLinear) -> torch.Tensor:
+    """``[out, in]`` fp32: ``E[Δw_rj² | code]`` per element (see :func:`expected_quant_error`)."""
     if layer.n_weak:
         raise ValueError("expected_quant_error is defined for layers without weak columns")
     qt = layer.quantized_base()
@@ -99,7 +109,7 @@ def expected_quant_error(layer: QuantLinear) -> torch.Tensor:
     sp = layer.sparse_outliers()
     if sp is not None:
         err = err.masked_fill(sp.mask(), 0.0)
-    return err.sum(0)
+    return err
 
 
 @torch.no_grad()
@@ -109,6 +119,10 @@ def column_scores(layer: QuantLinear, score: str, act_sq: torch.Tensor | None = 
         raise ValueError(f"score must be one of {CREATE_SCORES}, got {score!r}")
     if score == "weight":
         return layer.dequantize_weight(torch.float32).norm(dim=0)
+    if score == "fisher":
+        if act_sq is None:
+            raise ValueError("score='fisher' needs its per-column Fisher scores (create_weak_columns(..., data=...))")
+        return act_sq.float()
     if act_sq is None:
         raise ValueError(f"score={score!r} needs calibration statistics: pass calibration=LongTensor[n, seq_len]")
     if score == "activation":
@@ -126,12 +140,14 @@ def pick_columns(scores: torch.Tensor, k: int) -> torch.Tensor:
 # splitting
 # ---------------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def split_weak_columns(layer: QuantLinear, columns: torch.Tensor) -> QuantLinear:
+def split_weak_columns(layer: QuantLinear, columns: torch.Tensor, values: torch.Tensor | None = None) -> QuantLinear:
     """A new ``QuantLinear`` equal to ``layer`` with ``columns`` moved into 16-bit weak columns.
 
     Exact for per-channel integer formats, a small requantization otherwise (see
     the module docstring).  Sparse outliers stay sparse unless they fall in a
-    split column, which then holds them exactly.
+    split column, which then holds them exactly.  ``values``: ``[out, k]`` the split
+    columns take instead of their dequantized values (e.g. the unquantized weights'
+    columns, which undoes their quantization error); columns ascending.
     """
     if layer.n_weak:
         raise ValueError(f"the layer already has {layer.n_weak} weak columns; split_weak_columns adds them to bases without")
@@ -142,6 +158,10 @@ def split_weak_columns(layer: QuantLinear, columns: torch.Tensor) -> QuantLinear
     if int(columns.min()) < 0 or int(columns.max()) >= layer.in_features:
         raise ValueError(f"column index out of range [0, {layer.in_features})")
     weight = layer.dequantize_weight(torch.float32)
+    if values is not None:
+        if tuple(values.shape) != (layer.out_features, k):
+            raise ValueError(f"values shape {tuple(values.shape)} != {(layer.out_features, k)}")
+        weight[:, columns] = values.to(weight)
     sp = layer.sparse_outliers()
     mask = None
     if sp is not None:
@@ -242,6 +262,23 @@ def output_embedding(model: nn.Module) -> nn.Module | None:
         return None
 
 
+def _dense_weight(reference: nn.Module, name: str, layer: QuantLinear) -> torch.Tensor:
+    """The unquantized ``[out, in]`` weight of layer ``name`` in ``reference`` (Conv1D stores it transposed)."""
+    try:
+        mod = reference.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"reference model has no module {name!r}: pass the unquantized copy of this model") from None
+    w = getattr(mod, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+        raise ValueError(f"reference module {name!r} has no 2-D weight (got {type(mod).__name__})")
+    if type(mod).__name__ == "Conv1D":
+        w = w.t()
+    if tuple(w.shape) != (layer.out_features, layer.in_features):
+        raise ValueError(f"reference weight of {name!r} is {tuple(w.shape)}, the layer is "
+                         f"{(layer.out_features, layer.in_features)}")
+    return w.detach()
+
+
 def create_weak_columns(
     model: nn.Module,
     k: int | dict[str, int],
@@ -249,19 +286,31 @@ def create_weak_columns(
     score: str = "hessian_error",
     progress: bool = True,
     batch_size: int = 8,
+    data=None,
+    reference: nn.Module | None = None,
+    max_batches: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Split ``k`` weak columns out of every ``QuantLinear`` that has none; returns ``{name: columns}``.
 
     ``k``: columns per layer, or ``{name, suffix or regex: k}`` (unmatched layers are
-    skipped).  ``calibration``: ``LongTensor [n_samples, seq_len]`` token windows,
-    needed by ``score="hessian_error"`` (default) and ``"activation"``; ``"weight"``
-    needs none (and is a weak proxy, see the module docstring).  The output
-    embedding is left alone, as PEFT's "all-linear" does.  Run this *before*
-    ``get_peft_model``; the model is changed in place.  If the model carries a
-    transformers ``quantization_config``, :func:`wct.integrations.transformers.save_pretrained`
-    re-syncs it (or call ``sync_quantization(model)`` before ``model.save_pretrained``).
+    skipped): the budget, the same whichever score picks the columns.  ``calibration``:
+    ``LongTensor [n_samples, seq_len]`` token windows, needed by ``score="hessian_error"``
+    (default) and ``"activation"``; ``"weight"`` needs none (and is a weak proxy, see the
+    module docstring).  ``score="fisher"`` needs ``data``: batches of the *fine-tuning* data,
+    a ``LongTensor [n, seq_len]`` (language-model loss on every token) or an iterable of
+    dicts of model inputs with ``labels`` (e.g. a completion-only collator's batches); at
+    most ``max_batches`` of them, ``batch_size`` rows per batch for a tensor.
+    ``reference``: the unquantized model (same module names); with it the Fisher score uses
+    the exact ``ΔW = W − deq(W)`` and the split columns take the unquantized values (with
+    any score), see :mod:`.fisher`.  The output embedding is left alone, as PEFT's
+    "all-linear" does.  Run this *before* ``get_peft_model``; the model is changed in place.
+    If the model carries a transformers ``quantization_config``,
+    :func:`wct.integrations.transformers.save_pretrained` re-syncs it (or call
+    ``sync_quantization(model)`` before ``model.save_pretrained``).
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from .fisher import gradient_energy
 
     if score not in CREATE_SCORES:
         raise ValueError(f"score must be one of {CREATE_SCORES}, got {score!r}")
@@ -282,8 +331,25 @@ def create_weak_columns(
         kk = _k_for(n, k)
         if kk >= m.in_features:
             raise ValueError(f"{n}: k={kk} must be below in_features={m.in_features}")
+    dense = {n: _dense_weight(reference, n, m) for n, m in targets.items()} if reference is not None else None
     stats = None
-    if score != "weight":
+    if score == "fisher":
+        if data is None:
+            raise ValueError(
+                "score='fisher' needs batches of the fine-tuning data: pass data=LongTensor[n, seq_len] or a list of "
+                "dicts of model inputs with labels"
+            )
+
+        def factor(name: str) -> torch.Tensor:
+            layer = targets[name]
+            if dense is None:
+                return expected_quant_error_matrix(layer)
+            delta = dense[name].to(device=layer.qweight.device, dtype=torch.float32)
+            return (delta - layer.dequantize_weight(torch.float32)).pow_(2)
+
+        stats = gradient_energy(model, targets, data, factor, batch_size=batch_size, max_batches=max_batches,
+                                progress=progress)
+    elif score != "weight":
         if calibration is None:
             raise ValueError(
                 f"score={score!r} needs calibration data: pass calibration=LongTensor[n_samples, seq_len] "
@@ -293,7 +359,8 @@ def create_weak_columns(
     chosen: dict[str, torch.Tensor] = {}
     for n, m in tqdm(targets.items(), desc=f"wct: split weak columns ({score})", disable=not progress):
         cols = pick_columns(column_scores(m, score, None if stats is None else stats[n]), _k_for(n, k))
-        new = split_weak_columns(m, cols)
+        values = None if dense is None else dense[n][:, cols.to(dense[n].device)]
+        new = split_weak_columns(m, cols, values=values)
         set_submodule(model, n, new)
         record_layer_spec(model, n, new)
         chosen[n] = cols

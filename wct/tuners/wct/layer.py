@@ -1,9 +1,12 @@
-"""``WCTLayer``: trainable outlier values over a frozen ``QuantLinear``.
+"""``WCTLayer``: trainable outlier values (and scales) over a frozen ``QuantLinear``.
 
 The base layer already stores its weak columns and sparse outliers in 16-bit
-and accepts override values in ``forward(x, col_values=, sparse_values=)``.  The
-adapter is therefore just a trainable copy of those values; the packed base and
-all indices stay frozen buffers.
+and accepts override values in ``forward(x, col_values=, sparse_values=, scales=)``.
+The adapter is therefore just a trainable copy of those values; the packed codes and
+all indices stay frozen buffers.  With ``trainable`` naming ``"scales"`` the copy also
+covers the base's scale buffer (``scales`` of an integer format, ``absmax`` of a codebook
+without double quantization, :attr:`QuantLinear.scale_name`): PEQA-style scale tuning,
+its gradient computed by the op tile by tile (no dense weight, see ``wct.kernels.autograd``).
 
 Design choices (and why):
 
@@ -34,17 +37,28 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from wct.kernels.torch_backend import dense_tile
 from wct.nn import QuantLinear
+
+from .config import trainable_parts
 
 _INDEX_BUFFERS = {"wct_col_idx": "col_idx", "wct_sp_rowptr": "sp_rowptr", "wct_sp_cols": "sp_cols"}
 
 
 def trains_columns(layer: QuantLinear, trainable: str) -> bool:
-    return trainable in ("weak_columns", "all") and layer.n_weak > 0
+    return "weak_columns" in trainable_parts(trainable) and layer.n_weak > 0
 
 
 def trains_sparse(layer: QuantLinear, trainable: str) -> bool:
-    return trainable in ("outliers", "all") and layer.nnz > 0
+    return "outliers" in trainable_parts(trainable) and layer.nnz > 0
+
+
+def trains_scales(layer: QuantLinear, trainable: str) -> bool:
+    return "scales" in trainable_parts(trainable) and layer.scale_name is not None
+
+
+def trains_any(layer: QuantLinear, trainable: str) -> bool:
+    return trains_columns(layer, trainable) or trains_sparse(layer, trainable) or trains_scales(layer, trainable)
 
 
 def _stored_rounding(values: torch.Tensor, storage: torch.dtype) -> torch.Tensor:
@@ -68,7 +82,7 @@ def _initial(stored: torch.Tensor, dtype: torch.dtype, init_weights: bool) -> to
 class WCTLayer(nn.Module, BaseTunerLayer):
     """Wraps one ``QuantLinear``; one entry per adapter name in each container."""
 
-    adapter_layer_names = ("wct_col_values", "wct_sparse_values")
+    adapter_layer_names = ("wct_col_values", "wct_sparse_values", "wct_scales")
     other_param_names = tuple(_INDEX_BUFFERS)
 
     def __init__(self, base_layer: QuantLinear, adapter_name: str, trainable: str = "weak_columns",
@@ -79,6 +93,7 @@ class WCTLayer(nn.Module, BaseTunerLayer):
         self.base_layer = base_layer
         self.wct_col_values = nn.ParameterDict({})
         self.wct_sparse_values = nn.ParameterDict({})
+        self.wct_scales = nn.ParameterDict({})
         # persistent=True: BufferDict defaults to non-persistent, which would leave the indices out of the adapter file
         self.wct_col_idx = BufferDict({}, persistent=True)
         self.wct_sp_rowptr = BufferDict({}, persistent=True)
@@ -86,6 +101,7 @@ class WCTLayer(nn.Module, BaseTunerLayer):
         # the values the base held before any merge; kept for unmerge, not saved
         self.register_buffer("wct_original_cols", self._copy(base_layer, "col_values"), persistent=False)
         self.register_buffer("wct_original_sparse", self._copy(base_layer, "sp_values"), persistent=False)
+        self.register_buffer("wct_original_scales", None, persistent=False)  # copied when a scale adapter arrives
         self.merged_adapters: list[str] = []
         self._disable_adapters = False
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
@@ -108,11 +124,11 @@ class WCTLayer(nn.Module, BaseTunerLayer):
         """
         base = self.get_base_layer()
         dtype = getattr(torch, adapter_dtype)
-        cols, sparse = trains_columns(base, trainable), trains_sparse(base, trainable)
-        if not (cols or sparse):
+        cols, sparse, scales = trains_columns(base, trainable), trains_sparse(base, trainable), trains_scales(base, trainable)
+        if not (cols or sparse or scales):
             raise ValueError(
-                f"nothing to train for trainable={trainable!r} on a layer with {base.n_weak} weak columns and "
-                f"{base.nnz} sparse outliers"
+                f"nothing to train for trainable={trainable!r} on a layer with {base.n_weak} weak columns, "
+                f"{base.nnz} sparse outliers and {'no' if base.scale_name is None else 'trainable'} scales"
             )
         if cols:
             self.wct_col_values[adapter_name] = nn.Parameter(_initial(self.wct_original_cols, dtype, init_weights))
@@ -121,21 +137,28 @@ class WCTLayer(nn.Module, BaseTunerLayer):
             self.wct_sparse_values[adapter_name] = nn.Parameter(_initial(self.wct_original_sparse, dtype, init_weights))
             self.wct_sp_rowptr[adapter_name] = base.sp_rowptr.detach().clone()
             self.wct_sp_cols[adapter_name] = base.sp_cols.detach().clone()
+        if scales:
+            if self.wct_original_scales is None:
+                self.wct_original_scales = self._copy(base, base.scale_name)
+            self.wct_scales[adapter_name] = nn.Parameter(_initial(self.wct_original_scales, dtype, init_weights))
         self.set_adapter(self.active_adapters)
 
-    def _values(self, name: str) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """The (column, sparse) values adapter ``name`` feeds the base, rounded as the base stores them."""
+    def _values(self, name: str) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """The (column, sparse, scale) values adapter ``name`` feeds the base, rounded as the base stores them."""
         base = self.get_base_layer()
         cv = self.wct_col_values[name] if name in self.wct_col_values else None
         sv = self.wct_sparse_values[name] if name in self.wct_sparse_values else None
+        sc = self.wct_scales[name] if name in self.wct_scales else None
         if cv is not None:
             cv = _stored_rounding(cv, base.col_values.dtype)
         if sv is not None:
             sv = _stored_rounding(sv, base.sp_values.dtype)
-        return cv, sv
+        if sc is not None:
+            sc = _stored_rounding(sc, self.wct_original_scales.dtype)
+        return cv, sv, sc
 
     def _has(self, name: str) -> bool:
-        return name in self.wct_col_values or name in self.wct_sparse_values
+        return name in self.wct_col_values or name in self.wct_sparse_values or name in self.wct_scales
 
     def _active_here(self) -> Optional[str]:
         names = [n for n in self.active_adapters if self._has(n)]
@@ -161,24 +184,36 @@ class WCTLayer(nn.Module, BaseTunerLayer):
         name = self._active_here()
         if name is None:
             return base(x, *args, **kwargs)
-        cv, sv = self._values(name)
-        return base(x, col_values=cv, sparse_values=sv)
+        cv, sv, sc = self._values(name)
+        return base(x, col_values=cv, sparse_values=sv, scales=sc)
+
+    def _dense(self, cv, sv, sc) -> torch.Tensor:
+        """Dense fp32 ``[out, in]`` weight of the base with these values (None: the original ones)."""
+        base = self.get_base_layer()
+        pw = base.packed_weight()
+        if sc is None:
+            sc = self.wct_original_scales  # None: no scale adapter ever came, the stored scales are the original
+        if sc is not None:
+            pw.qweight.data[base.scale_name] = sc
+        cv = self.wct_original_cols if cv is None else cv
+        sv = self.wct_original_sparse if sv is None else sv
+        return dense_tile(pw, 0, self.out_features, torch.float32, cv, sv)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """Dense ``[out, in]`` fp32 change this adapter makes to the base weight (for inspection)."""
-        base = self.get_base_layer()
-        device = base.qweight.device
-        delta = torch.zeros(self.out_features, self.in_features, dtype=torch.float32, device=device)
-        cv, sv = self._values(adapter)
         with torch.no_grad():
-            if cv is not None:
-                delta[:, base.col_idx.long()] = cv.float() - self.wct_original_cols.float()
-            if sv is not None:
-                sp = base.sparse_outliers()
-                delta[sp.row_index(), base.sp_cols.long()] += sv.float() - self.wct_original_sparse.float()
-        return delta
+            cv, sv, sc = (None if t is None else t.detach() for t in self._values(adapter))
+            return self._dense(cv, sv, sc) - self._dense(None, None, None)
 
     # --- merging ---------------------------------------------------------------------------------------------------
+    def _write(self, cv, sv, sc) -> None:
+        base = self.get_base_layer()
+        base.set_outlier_values(col_values=cv, sparse_values=sv)
+        if sc is not None:
+            with torch.no_grad():
+                stored = getattr(base, base.scale_name)
+                stored.copy_(sc.to(stored.dtype))
+
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Write the adapter's (storage-rounded) values into the base; exact, no requantization."""
         adapter_names = [n for n in check_adapters_to_merge(self, adapter_names) if self._has(n)]
@@ -190,14 +225,12 @@ class WCTLayer(nn.Module, BaseTunerLayer):
                 "so at most one WCT adapter can be merged; unmerge first"
             )
         name = adapter_names[0]
-        cv, sv = self._values(name)
-        cv = None if cv is None else cv.detach()
-        sv = None if sv is None else sv.detach()
+        cv, sv, sc = (None if t is None else t.detach() for t in self._values(name))
         if safe_merge:
-            for t in (cv, sv):
+            for t in (cv, sv, sc):
                 if t is not None and not bool(torch.isfinite(t).all()):
                     raise ValueError(f"NaN/Inf in adapter {name!r}: it is broken, refusing to merge it")
-        self.get_base_layer().set_outlier_values(col_values=cv, sparse_values=sv)
+        self._write(cv, sv, sc)
         self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -205,9 +238,7 @@ class WCTLayer(nn.Module, BaseTunerLayer):
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
-        self.get_base_layer().set_outlier_values(
-            col_values=self.wct_original_cols, sparse_values=self.wct_original_sparse
-        )
+        self._write(self.wct_original_cols, self.wct_original_sparse, self.wct_original_scales)
         self.merged_adapters.clear()
 
     def __repr__(self) -> str:

@@ -18,6 +18,11 @@ specific to WCT:
   that would hold a second packed copy of the model.  Adapters on one base share its
   columns, so a further adapter asking for a different ``create_columns`` is refused.
 
+* ``trainable`` naming ``"scales"`` refuses targets whose format has no trainable
+  scale buffer (double-quantized codebooks) with the supported formats in the error,
+  and leaves the scales out of the fingerprint (merging them changes the base the way
+  merging columns does); :func:`optimizer_groups` gives scales their own learning rate.
+
 The standard PEFT operations (several adapters, ``set_adapter``, ``delete_adapter``,
 ``disable_adapter``, save/load, ``merge_adapter``/``unmerge_adapter``, ``unload``,
 ``merge_and_unload(safe_merge=True)``) all work; merging is exact and idempotent.
@@ -42,9 +47,9 @@ from torch import nn
 from wct.nn import QuantLinear
 
 from ..targets import resolve_targets
-from .config import ALL_LINEAR, WCT_PREFIX, WCTConfig
+from .config import ALL_LINEAR, SCALE_FORMATS, WCT_PREFIX, WCTConfig, trainable_parts
 from .create import column_scores, output_embedding, pick_columns, record_layer_spec, split_weak_columns
-from .layer import WCTLayer, trains_columns, trains_sparse
+from .layer import WCTLayer, trains_any
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +91,14 @@ def _tensor_bytes(t: torch.Tensor):
     return t.view(torch.uint8).numpy()
 
 
-def base_fingerprint(layers: dict[str, QuantLinear]) -> str:
+def base_fingerprint(layers: dict[str, QuantLinear], skip_scales: bool = False) -> str:
     """sha256 over the frozen part of ``layers``: names, specs, packed buffers, outlier indices, bias.
 
     The trainable outlier *values* are left out on purpose: they are what an
     adapter (or a merge) changes, while everything hashed here must be identical
-    for an adapter to mean the same thing.  Cost: one pass over the packed bytes
+    for an adapter to mean the same thing.  ``skip_scales``: leave the scale
+    buffers out too (an adapter that trains them; adapters that do not keep the
+    fingerprint they always had).  Cost: one pass over the packed bytes
     (about 1 GB/s), i.e. seconds for a 7B model.
     """
     h = hashlib.sha256()
@@ -100,6 +107,8 @@ def base_fingerprint(layers: dict[str, QuantLinear]) -> str:
         h.update(name.encode())
         h.update(json.dumps(layer.spec(), sort_keys=True).encode())
         tensors = dict(layer.quantized_base().data)
+        if skip_scales and layer.scale_name is not None:
+            del tensors[layer.scale_name]
         for extra in ("col_idx", "sp_rowptr", "sp_cols", "bias"):
             t = getattr(layer, extra, None)
             if t is not None:
@@ -136,20 +145,31 @@ class WCTModel(BaseTuner):
                 "16-bit parts of wct-quantized layers, so quantize the model first (wct.quantize_model) and target "
                 "those layers"
             )
-        wants_cols = peft_config.trainable in ("weak_columns", "all")
+        parts = trainable_parts(peft_config.trainable)
+        if "scales" in parts:
+            fixed = sorted(n for n, m in targets.items() if m.scale_name is None)
+            if fixed:
+                fmts = sorted({targets[n].fmt.name + (" (double-quantized)" if getattr(targets[n].fmt, "double_quant",
+                                                                                       False) else "") for n in fixed})
+                raise ValueError(
+                    f"trainable={peft_config.trainable!r}: {len(fixed)} targeted layers ({fixed[0]}, ...) are stored in "
+                    f"{', '.join(fmts)}, which has no trainable scales. Scales train for {SCALE_FORMATS}. Quantize "
+                    "without double_quant, or exclude those layers (exclude_modules)"
+                )
+        wants_cols = "weak_columns" in parts
         if not any(
-            trains_columns(m, peft_config.trainable) or trains_sparse(m, peft_config.trainable)
-            or (wants_cols and peft_config.create_columns and m.n_weak == 0)
+            trains_any(m, peft_config.trainable) or (wants_cols and peft_config.create_columns and m.n_weak == 0)
             for m in targets.values()
         ):
-            kinds = {"weak_columns": "weak columns", "outliers": "sparse outliers", "all": "weak columns or sparse outliers"}
+            names = {"weak_columns": "weak columns", "outliers": "sparse outliers", "scales": "scales"}
+            kinds = " or ".join(names[p] for p in sorted(parts))
             raise ValueError(
-                f"none of the {len(targets)} targeted QuantLinear layers has {kinds[peft_config.trainable]} to train. "
+                f"none of the {len(targets)} targeted QuantLinear layers has {kinds} to train. "
                 "Use a base that stores them (method='owq' with target_bits for weak columns; 'gwq' or opq=True for "
                 "sparse outliers), or create weak columns: WCTConfig(create_columns=k) or "
                 "wct.tuners.wct.create_weak_columns(model, k, calibration=...)"
             )
-        fingerprint = base_fingerprint(targets)
+        fingerprint = base_fingerprint(targets, skip_scales="scales" in parts)
         if peft_config.base_fingerprint is None:
             peft_config.base_fingerprint = fingerprint
         elif peft_config.base_fingerprint != fingerprint:
@@ -176,14 +196,15 @@ class WCTModel(BaseTuner):
         if isinstance(target, WCTLayer):
             base = target.get_base_layer()
             want = min(peft_config.create_columns, base.in_features - 1)
-            if target.created_columns and want and want != target.created_columns and trainable != "outliers":
+            if (target.created_columns and want and want != target.created_columns
+                    and "weak_columns" in trainable_parts(trainable)):
                 raise ValueError(
                     f"{current_key}: an adapter on this base created {target.created_columns} weak columns, and "
                     f"create_columns={peft_config.create_columns} asks for {want}. Adapters on one base share its "
                     "columns: use the same create_columns, or split the columns once with "
                     "wct.tuners.wct.create_weak_columns(model, k) before get_peft_model"
                 )
-            if trains_columns(base, trainable) or trains_sparse(base, trainable):
+            if trains_any(base, trainable):
                 target.update_layer(adapter_name, trainable, peft_config.adapter_dtype, init_weights=init)
             return
         if isinstance(target, BaseTunerLayer):
@@ -195,12 +216,12 @@ class WCTModel(BaseTuner):
             )
         base = target
         created = 0
-        if peft_config.create_columns and base.n_weak == 0 and trainable in ("weak_columns", "all"):
+        if peft_config.create_columns and base.n_weak == 0 and "weak_columns" in trainable_parts(trainable):
             created = min(peft_config.create_columns, base.in_features - 1)
             cols = pick_columns(column_scores(base, peft_config.create_score), created)
             base = split_weak_columns(base, cols)
             record_layer_spec(self.model, current_key, base)
-        if not (trains_columns(base, trainable) or trains_sparse(base, trainable)):
+        if not trains_any(base, trainable):
             log.debug("wct: %s holds nothing to train for trainable=%r; left unwrapped", current_key, trainable)
             return
         new = WCTLayer(base, adapter_name, trainable=trainable, adapter_dtype=peft_config.adapter_dtype, init_weights=init)
@@ -228,6 +249,29 @@ class WCTModel(BaseTuner):
 # ---------------------------------------------------------------------------------------------------------------------
 # training preparation
 # ---------------------------------------------------------------------------------------------------------------------
+def optimizer_groups(model: nn.Module, lr: float, scales_lr: Optional[float] = None,
+                     weight_decay: float = 0.0) -> list[dict[str, Any]]:
+    """Optimizer parameter groups for a WCT model: the trained scales apart, at ``scales_lr``.
+
+    A scale multiplies a whole row (or group, or block) of codes, so one step moves many
+    weights at once: scales usually want a smaller learning rate than 16-bit columns (PEQA
+    trains them at ~1e-5 to 1e-4).  ``weight_decay`` applies to every group; keep it 0 for
+    scales (WCT trains values, not deltas: decay pulls a scale, and its whole group, to 0).
+    ``torch.optim.AdamW(optimizer_groups(model, 1e-3, 5e-5))``, or hand the optimizer to a
+    ``Trainer`` with ``optimizers=(opt, None)``.
+    """
+    scales, others = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (scales if ".wct_scales." in name else others).append(p)
+    groups = [{"params": others, "lr": lr, "weight_decay": weight_decay}] if others else []
+    if scales:
+        groups.append({"params": scales, "lr": lr if scales_lr is None else scales_lr, "weight_decay": weight_decay})
+    if not groups:
+        raise ValueError("the model has no trainable parameter")
+    return groups
+
+
 def prepare_for_training(
     model: nn.Module,
     use_gradient_checkpointing: bool = True,
@@ -238,7 +282,8 @@ def prepare_for_training(
 
     * freezes every parameter (the adapter's own are created trainable afterwards);
     * ``upcast_small_params``: 1-D 16-bit parameters (norm weights, biases) go to fp32,
-      as ``prepare_model_for_kbit_training`` does for stability; the embedding
+      as ``prepare_model_for_kbit_training`` does for stability, except the packed layers'
+      own storage (its dtypes are part of the quantized weight); the embedding
       matrices are left alone (large, frozen, and fp32 buys them nothing);
     * gradient checkpointing with ``use_reentrant=False`` (the reentrant variant
       drops gradients when no *input* requires grad, and re-runs hooks twice), plus
@@ -249,8 +294,11 @@ def prepare_for_training(
     for p in model.parameters():
         p.requires_grad_(False)
     if upcast_small_params:
+        # never the packed layers' own storage (frozen parameters too, e.g. 1-D fp16 sparse outlier values): their
+        # dtype is part of the quantized weight, and QuantLinear refuses a cast one
+        packed = {id(p) for m in model.modules() if isinstance(m, QuantLinear) for p in m.parameters(recurse=False)}
         for p in model.parameters():
-            if p.dim() <= 1 and p.dtype in (torch.float16, torch.bfloat16):
+            if p.dim() <= 1 and p.dtype in (torch.float16, torch.bfloat16) and id(p) not in packed:
                 p.data = p.data.float()
     if use_gradient_checkpointing:
         if not hasattr(model, "gradient_checkpointing_enable"):

@@ -8,7 +8,8 @@ from pathlib import Path
 
 EPILOG = """\
 Serve the result:
-  gptq : vllm serve DIR --quantization gptq --enable-lora --lora-modules wct=DIR/adapter-padded
+  gptq : vllm serve DIR --quantization gptq --dtype float16 --enable-lora --max-lora-rank R \\
+             --lora-modules wct=DIR/adapter-padded   (R: printed below, >= r in DIR/adapter-padded)
   gguf : llama-cli -m DIR/model.gguf --lora DIR/adapter.gguf
   dense: vllm serve DIR   (or any transformers loader; no wct needed)
 Exactness per tensor: DIR/wct_export_report.json (also printed). docs/deploy.md has the details.

@@ -2,7 +2,7 @@
 
 The packed integer base of every layer (GPTQ, OWQ, GWQ's dense part, RTN int2/3/4/8; per-channel
 or grouped) is written as ``qweight``/``qzeros``/``scales``/``g_idx`` so that the loaders decode
-exactly wct's values (:mod:`wct.export.gptq_pack` has the bit layout).  Why it is exact: the
+exactly wct's values (:mod:`wct.exporters.gptq_pack` has the bit layout).  Why it is exact: the
 codes, the fp16 scales and the integer zero points are copied, never recomputed, and ``s * (q - z)``
 with an fp16 ``s`` and a small integer is exact in fp32 (and rounds once, like wct's own fp16
 dequantization, in fp16).
@@ -10,7 +10,7 @@ dequantization, in fp16).
 Decisions, each recorded in the report:
 
 * **weak columns** are zero columns of the base (their group's zero code) plus a PEFT LoRA adapter
-  (:mod:`wct.export.lora`).  Inserting them shifts later columns out of their ``j // group_size``
+  (:mod:`wct.exporters.lora`).  Inserting them shifts later columns out of their ``j // group_size``
   group, so grouped layers with weak columns need ``g_idx`` and the config says ``desc_act: true``
   (act-order), which every GPTQ loader honours.
 * **zero points**: v1 (``checkpoint_format: "gptq"``) stores ``zero - 1``, so a zero point of 0
@@ -198,6 +198,12 @@ class GPTQTarget(ExportTarget):
                 f"weak columns of {len(weak)} layers are a LoRA adapter (exact, scaling 1): {ADAPTER_DIR}/ has each "
                 f"layer's own rank (PEFT rank_pattern), {PADDED_ADAPTER_DIR}/ one rank r={max(ranks.values())} padded "
                 "with zeros for engines that ignore rank_pattern (vLLM, SGLang); the base alone lacks them")
+            r = max(ranks.values())
+            report.notes.append(
+                f"vLLM: vllm serve OUT --quantization gptq --dtype float16 --enable-lora --max-lora-rank "
+                f"{vllm_max_lora_rank(r)} --lora-modules wct=OUT/{PADDED_ADAPTER_DIR} (then request model 'wct')"
+                if r <= VLLM_MAX_LORA_RANKS[-1] else
+                f"rank {r} exceeds vLLM's largest --max-lora-rank {VLLM_MAX_LORA_RANKS[-1]}: use --format dense for vLLM")
         report.notes.append(
             f"checkpoint_format '{ckpt_format}'" + (" (a zero point of 0 needs v2: GPTQModel reads it; vLLM's gptq kernel has a v2 mode, older loaders do not)"
                                                      if ckpt_format == "gptq_v2" and needs_v2 else "")
@@ -209,7 +215,44 @@ class GPTQTarget(ExportTarget):
                                 "transformers/GPTQModel load it, vLLM refuses unaligned groups")
         if not sym:
             report.notes.append("asymmetric grid (sym false): vLLM runs the gptq/exllama kernel (Marlin needs sym)")
+        clashes = fused_g_idx_clashes({n: g.g_idx for n, g in grids.items()}) if desc_act else []
+        if clashes:
+            report.notes.append(
+                f"vLLM fuses {'/'.join(clashes[0])} into one layer with one g_idx, but their weak columns differ, so "
+                f"their g_idx differ ({len(clashes)} such groups): vLLM would decode them wrongly. transformers/"
+                "GPTQModel load them exactly; for vLLM export --format dense, or quantize per-channel (no g_idx)")
         report.options["gptq"] = {k: qcfg[k] for k in ("bits", "group_size", "desc_act", "sym", "checkpoint_format")}
+
+
+# The values vLLM accepts for --max-lora-rank (vllm/config/lora.py, MaxLoRARanks); the default is 16.
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_max_lora_rank(r: int) -> int:
+    """The smallest ``--max-lora-rank`` vLLM accepts that holds rank ``r``."""
+    for v in VLLM_MAX_LORA_RANKS:
+        if v >= r:
+            return v
+    raise UnsupportedExportError(f"LoRA rank {r} exceeds vLLM's largest --max-lora-rank {VLLM_MAX_LORA_RANKS[-1]}")
+
+
+# Sibling projections vLLM loads into one fused layer (its packed_modules_mapping for Llama-style models).  The fused
+# layer has one g_idx parameter, which every shard overwrites: the siblings' g_idx must be identical.
+VLLM_FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def fused_g_idx_clashes(g_idx: dict[str, torch.Tensor]) -> list[tuple[str, ...]]:
+    """Names of sibling layers that vLLM fuses but whose ``g_idx`` differ (each tuple: one fused layer)."""
+    clashes = []
+    for n in g_idx:
+        parent, _, leaf = n.rpartition(".")
+        for group in VLLM_FUSED:
+            if leaf != group[0]:
+                continue
+            names = [f"{parent}.{s}" for s in group if f"{parent}.{s}" in g_idx]
+            if any(not torch.equal(g_idx[names[0]], g_idx[o]) for o in names[1:]):
+                clashes.append(tuple(names))
+    return clashes
 
 
 def _full_groups(grid: IntegerGrid, in_features: int, group_size: int | None) -> IntegerGrid:
@@ -263,4 +306,4 @@ def _wct_version() -> str:
     return wct.__version__
 
 
-__all__ = ["GPTQTarget"]
+__all__ = ["VLLM_FUSED", "VLLM_MAX_LORA_RANKS", "GPTQTarget", "fused_g_idx_clashes", "vllm_max_lora_rank"]

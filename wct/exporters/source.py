@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from wct.nn import QuantLinear
+from wct.nn import QuantExperts, QuantLinear, packed_layers
 
 # Files of a checkpoint folder that describe the tokenizer / generation, copied as they are into every export.
 TOKENIZER_FILES = (
@@ -47,7 +47,11 @@ class ExportSource:
 
     def quant_layers(self) -> dict[str, QuantLinear]:
         """Module name -> QuantLinear, in model order."""
-        return {n: m for n, m in self.model.named_modules() if isinstance(m, QuantLinear)}
+        return packed_layers(self.model)
+
+    def packed_experts(self) -> list[str]:
+        """Names of MoE blocks whose experts are packed (``QuantExperts``)."""
+        return [n for n, m in self.model.named_modules() if isinstance(m, QuantExperts)]
 
     def dense_tensors(self) -> dict[str, torch.Tensor]:
         """Every parameter/buffer that is not part of a QuantLinear, as saved by ``save_pretrained``.

@@ -2,7 +2,7 @@
 
 A target is a small class with a name, a :meth:`ExportTarget.check` that refuses what it cannot
 represent *before* anything is written, and a :meth:`ExportTarget.write` that fills a temporary
-folder (published atomically by :func:`wct.export.export`) and records every tensor in the report.
+folder (published atomically by :func:`wct.export`) and records every tensor in the report.
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ def detect_pre(tokenizer_json: dict) -> str | None:
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     kinds = [s.get("type") for s in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"  # llama.cpp spells it with a hyphen (llama-vocab.cpp)
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
         return "smollm"  # \p{N} split into single digits, then GPT-2's regex
     if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):

@@ -2,13 +2,13 @@
 
 Written with the ``gguf`` package's ``GGUFWriter`` and its own tables: tensor names come from
 ``gguf.TensorNameMap`` (HF name -> ``blk.N.attn_q.weight`` ...), metadata keys from its ``add_*``
-methods, the tokenizer from :mod:`wct.export.gguf_vocab`.  Only the llama architecture (Llama,
+methods, the tokenizer from :mod:`wct.exporters.gguf_vocab`.  Only the llama architecture (Llama,
 Mistral, SmolLM, TinyLlama ...) is written; other architectures are refused with the dense route named.
 
 Exactness (each tensor recorded, decoded with ``gguf.quants.dequantize``):
 
 * integer grids -> Q4_0 / Q5_0 / Q8_0 blocks, exact wherever 32 consecutive columns share one scale
-  (:mod:`wct.export.gguf_blocks`); other blocks are requantized to the same type and counted;
+  (:mod:`wct.exporters.gguf_blocks`); other blocks are requantized to the same type and counted;
 * codebooks (NF4/BOF4 ...) -> requantized whole (``gguf_requant``, default Q4_1), error reported;
 * sparse outliers: the blocks holding them are requantized from the merged weight (reported);
 * weak columns -> ``adapter.gguf``, a llama.cpp LoRA adapter (``llama-cli -m model.gguf --lora
@@ -192,7 +192,8 @@ class GGUFTarget(ExportTarget):
         else:
             data = gguf.quants.quantize(w, gguf.GGMLQuantizationType.BF16)
         writer.add_tensor(gname, data, raw_dtype=gguf.GGMLQuantizationType[kind] if data.dtype == np.uint8 else None)
-        report.add(name, kind, decode(data, kind, tuple(t.shape) if t.dim() else (1,)).reshape(t.shape), t)
+        decoded = decode(data, kind, tuple(t.shape) if t.dim() else (1,)).reshape(t.shape)
+        report.add(name, kind, decoded, t, note="" if torch.equal(decoded, t.float()) else f"rounded to {kind}")
 
     @staticmethod
     def _metadata(writer, source: ExportSource, report: ExportReport) -> None:

@@ -1,6 +1,6 @@
 """Perplexity of wct's model and of its export on the same token windows (the "what does it cost" column).
 
-The export is loaded with the engine's loader (:mod:`wct.export.loaders`), never with wct, so the
+The export is loaded with the engine's loader (:mod:`wct.exporters.loaders`), never with wct, so the
 number is what a user of that engine gets.  Both models see the identical windows: the text is
 tokenised once with the source's tokenizer.
 """

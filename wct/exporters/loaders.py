@@ -35,7 +35,8 @@ def load_dense(folder: str | os.PathLike) -> torch.nn.Module:
 def load_gptq(folder: str | os.PathLike, adapter: str | None = "adapter") -> torch.nn.Module:
     """transformers + GPTQModel (CPU torch kernel) + PEFT for the weak-column adapter."""
     if not have("gptqmodel", "optimum"):
-        raise EngineUnavailable("loading a GPTQ checkpoint needs gptqmodel and optimum (pip install 'wct[export-check]')")
+        raise EngineUnavailable("loading a GPTQ checkpoint needs gptqmodel and optimum: the export-check extra, "
+                                "installed as docs/deploy.md says (a venv of its own, no build isolation)")
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map="cpu").eval()
@@ -103,7 +104,8 @@ def load_llama_cpp(folder: str | os.PathLike, n_ctx: int = 512, model_file: str 
                    adapter_file: str | None = "adapter.gguf"):
     """llama-cpp-python's ``Llama`` over the exported file(s), with every position's logits kept."""
     if not have("llama_cpp"):
-        raise EngineUnavailable("llama-cpp-python is not installed (pip install 'wct[export-check]')")
+        raise EngineUnavailable("llama-cpp-python is not installed: the export-check extra, installed as "
+                                "docs/deploy.md says (it compiles llama.cpp)")
     from llama_cpp import Llama
 
     folder = Path(folder)
