@@ -25,7 +25,19 @@ from trl import ModelConfig, ScriptArguments, SFTTrainer, TrlParser
 import wct
 from wct.data.instruct import load_instruction_dataset, load_instruction_records
 from wct.integrations import fsdp as wct_fsdp
-from wct.integrations.trl import QuantArguments, WCTSFTConfig, prepare_base, save_final_adapter, write_adapter_checksum
+from wct.integrations.trl import (
+    QuantArguments,
+    ScalesLRMixin,
+    WCTSFTConfig,
+    prepare_base,
+    save_final_adapter,
+    scales_lr,
+    write_adapter_checksum,
+)
+
+
+class WCTTrainer(ScalesLRMixin, SFTTrainer):
+    """TRL's SFTTrainer; trained quantization scales at their own rate (``--wct_scales_lr``)."""
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -38,8 +50,9 @@ def main(argv: list[str] | None = None) -> dict:
     model, tok = prepare_base(model_args.model_name_or_path, qargs, sft_args.output_dir, train_records=records[:2000])
     wct.prepare_for_training(model, use_gradient_checkpointing=bool(sft_args.gradient_checkpointing))
     peft_config = wct.WCTConfig(trainable=qargs.wct_trainable, create_columns=qargs.wct_create_columns)
-    trainer = SFTTrainer(model=model, args=sft_args, train_dataset=train, eval_dataset=held,
+    trainer = WCTTrainer(model=model, args=sft_args, train_dataset=train, eval_dataset=held,
                          processing_class=tok, peft_config=peft_config)
+    trainer.scales_lr = scales_lr(qargs, sft_args.learning_rate)
     if trainer.accelerator.is_main_process:
         trainer.model.print_trainable_parameters()
     # FSDP2 launch: on CPU accelerate alone would fall back to DDP (enable_fsdp2_on_cpu), on GPUs it is on already

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import make_tiny_llama, make_tiny_tokenizer
 
 from wct.tuners.wct import WCT_STORED_PEFT_TYPE
@@ -69,6 +70,41 @@ def test_wct_recipe_one_process(tiny_setup, tmp_path):
     merged = wct.load_quantized(res["merged_dir"])
     assert any(isinstance(m, wct.QuantLinear) and m.n_weak for m in merged.modules())
     assert (out / "adapter_checksum_rank0.txt").exists()
+
+
+@pytest.mark.parametrize("extra,want_scales_lr", [((), 0.05 * 1e-2), (("--wct_scales_lr", "3e-4"), 3e-4)])
+def test_recipe_trains_scales_at_their_own_rate(tiny_setup, tmp_path, monkeypatch, extra, want_scales_lr):
+    """``--wct_trainable weak_columns+scales``: the scales get their own optimizer group (a scale moves a whole group
+    of weights), at ``--wct_scales_lr`` or 0.05 x the rate; the columns keep ``--learning_rate``; the merged packed
+    model carries the trained scales."""
+    import wct_alpaca
+
+    import wct
+
+    seen = {}
+    create = wct_alpaca.WCTTrainer.create_optimizer
+
+    def spy(self, *a, **k):
+        opt = create(self, *a, **k)
+        seen["groups"] = {g["initial_lr"] if "initial_lr" in g else g["lr"]: sum(p.numel() for p in g["params"])
+                          for g in opt.param_groups}
+        seen["scales"] = sum(p.numel() for n, p in self.model.named_parameters()
+                             if p.requires_grad and ".wct_scales." in n)
+        return opt
+
+    monkeypatch.setattr(wct_alpaca.WCTTrainer, "create_optimizer", spy)
+    model_dir, data = tiny_setup
+    res = wct_alpaca.main(_args(model_dir, data, tmp_path / "run", steps=2,
+                                extra=("--wct_trainable", "weak_columns+scales", *extra)))
+    _assert_finite_loss(res)
+    assert seen["scales"] > 0
+    assert sorted(seen["groups"]) == pytest.approx(sorted([1e-2, want_scales_lr]))
+    assert seen["groups"][min(seen["groups"])] == seen["scales"]
+    base = wct.load_quantized(tmp_path / "run" / "quantized_base")
+    merged = wct.load_quantized(res["merged_dir"])
+    changed = [n for n, m in merged.named_modules() if isinstance(m, wct.QuantLinear)
+               and not torch.equal(m.scales, base.get_submodule(n).scales)]
+    assert changed, "the merged model should carry the trained scales"
 
 
 def _free_port() -> int:

@@ -59,10 +59,41 @@ _RECIPE_FIELDS = [
     ("calib_seq_len", int, field(default=512, metadata={"help": "calibration window length"})),
     ("quantized_base", str | None, field(default=None, metadata={"help": "an already packed wct checkpoint to train on"})),
     ("wct_trainable", str, field(default="weak_columns", metadata={"help": "weak_columns | outliers | scales | all, or a '+'-join such as weak_columns+scales"})),
+    ("wct_scales_lr", float | None, field(default=None, metadata={"help": "learning rate of trained quantization scales (--wct_trainable ...+scales); default 0.05 x --learning_rate: a scale moves a whole group of weights"})),
     ("wct_create_columns", int, field(default=0, metadata={"help": "split k 16-bit columns per layer out of a base without them"})),
     ("eval_size", int, field(default=500, metadata={"help": "records held out for evaluation (fixed shuffle by --seed)"})),
     ("merged_dir", str | None, field(default=None, metadata={"help": "where to save the merged packed model (default output_dir/merged)"})),
 ]
+
+
+SCALES_LR_RATIO = 0.05  # scales' default rate relative to the columns' (PEQA trains scales at ~1e-5..1e-4)
+
+
+def scales_lr(qargs, learning_rate: float) -> float:
+    """The learning rate of trained quantization scales: ``--wct_scales_lr`` or ``SCALES_LR_RATIO x`` the rate."""
+    return qargs.wct_scales_lr if qargs.wct_scales_lr is not None else SCALES_LR_RATIO * learning_rate
+
+
+class ScalesLRMixin:
+    """For a ``Trainer`` subclass: trained quantization scales get their own parameter group and learning rate.
+
+    Everything else (columns, outliers, LoRA) keeps ``args.learning_rate``.  The optimizer is built where the
+    Trainer builds it (after accelerate has wrapped or sharded the model), with the optimizer class and settings
+    the arguments name; only the grouping differs.  Without trained scales this is the Trainer's own optimizer.
+    """
+
+    scales_lr: float | None = None
+
+    def create_optimizer(self, *args, **kwargs):
+        if self.optimizer is None and self.scales_lr is not None and any(
+                p.requires_grad and ".wct_scales." in n for n, p in self.model.named_parameters()):
+            from wct.tuners.wct import optimizer_groups
+
+            opt_cls, opt_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+            groups = optimizer_groups(self.model, self.args.learning_rate, self.scales_lr, self.args.weight_decay)
+            self.optimizer = opt_cls(groups, **opt_kwargs)
+            return self.optimizer
+        return super().create_optimizer(*args, **kwargs)
 
 
 _RECIPE_DEFAULTS = {"method": "owq", "wbits": 3, "target_bits": 3.01}
