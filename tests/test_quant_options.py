@@ -14,7 +14,7 @@ NON_DEFAULT = dict(method="gwq", wbits=3, group_size=32, sym=True, block_size=12
                    owq_sensitivity="hessian", outlier_ratio=0.02, gwq_score="fisher", gwq_solver="rtn", gwq_samples=3,
                    opq=True, opq_quantile=0.9, outlier_dtype="bfloat16", percdamp=0.05, lazy_batch=64, act_order=False,
                    true_sequential=True, range_search="mse", include_lm_head=True, skip_modules=("o_proj", "up_proj"),
-                   expert_min_tokens=7, allow_dense=True)
+                   expert_min_tokens=7, allow_dense=True, calibration_device="cpu")
 
 
 def test_every_option_has_help_and_a_test_value():

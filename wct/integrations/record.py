@@ -17,6 +17,8 @@ the saved ones) and a packed lm_head tied to the input embedding.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -106,10 +108,11 @@ def sync_quantization(model: nn.Module) -> nn.Module:
 
 
 def quantize_model(
-    model: nn.Module,
+    model: nn.Module | str | os.PathLike,
     config: QuantConfig | None = None,
     calibration: torch.Tensor | None = None,
     progress: bool = True,
+    dtype: torch.dtype | str = "auto",
 ) -> nn.Module:
     """Quantize ``model`` in place (:func:`wct.quantize.quantize_modules`) and attach the wct quantizer.
 
@@ -117,13 +120,22 @@ def quantize_model(
     writes a packed checkpoint that ``AutoModelForCausalLM.from_pretrained(dir)``
     loads back bit for bit, after ``import wct``.  A plain ``nn.Module`` (no
     ``.config``) is only quantized: there is no config.json to attach to.
+
+    ``model`` may be the path of a dense safetensors folder: it is then streamed, one decoder block read from disk
+    at a time, and never held whole in RAM (:mod:`wct.quantize.streaming`; ``dtype``: ``"auto"`` = the config's);
+    the packed model is returned.
     """
+    placement = None
+    if isinstance(model, (str, os.PathLike)):
+        from wct.quantize.streaming import open_checkpoint
+
+        model, placement = open_checkpoint(model, config, dtype=dtype)
     if config is not None and config.include_lm_head and ties_output_embedding(model):
         raise ValueError(
             "include_lm_head=True, but lm_head is tied to the input embedding (config.tie_word_embeddings=True): a "
             "tied lm_head cannot be packed. Quantize with include_lm_head=False, or untie it first"
         )
-    quantize_modules(model, config, calibration=calibration, progress=progress)
+    quantize_modules(model, config, calibration=calibration, progress=progress, placement=placement)
     if not hasattr(model, "config"):  # a plain nn.Module: nothing to describe in a config.json
         return model
     return attach_quantization(model)

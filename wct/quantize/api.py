@@ -24,6 +24,7 @@ from wct.nn.quant_experts import unfuse_experts_
 
 from .calibrated import quantize_calibrated
 from .config import QuantConfig
+from .offload import Offload, Placement, release_freed_memory
 from .rtn import quantize_linear
 
 QUANT_ATTR = "wct_quantization"  # model attribute: {"config": QuantConfig, "layers": {name: spec}}
@@ -41,30 +42,60 @@ def quantize_modules(
     config: QuantConfig | None = None,
     calibration: torch.Tensor | None = None,
     progress: bool = True,
+    placement: Placement | None = None,
 ) -> nn.Module:
     """Quantize ``model`` in place and return it.
 
     ``calibration``: ``LongTensor [n_samples, seq_len]`` token windows, required by
     the calibrated methods (see :func:`wct.data.get_calibration_windows`).
+    ``placement``: where each decoder block is quantized (:mod:`.offload`): by default where the model is, or on
+    ``config.calibration_device`` one block at a time; :mod:`.streaming` passes one that reads each block from disk.
     """
     config = config or QuantConfig()
     unfuse_experts_(model)  # fused MoE experts -> one (float, then packed) layer per expert; a no-op elsewhere
     _refuse_dense_block_weights(model, config)
+    if placement is None and config.calibration_device:
+        placement = Offload(config.calibration_device)
     if config.calibrated:
         if calibration is None:
             raise ValueError(
                 f"method {config.method!r} needs calibration data: pass calibration=get_calibration_windows(...)"
             )
-        quantize_calibrated(model, config, calibration, progress=progress)
+        quantize_calibrated(model, config, calibration, progress=progress, placement=placement)
     else:
         targets = quantizable_linears(model, config.include_lm_head, config.skip_modules)
         if not targets:
             raise ValueError("no Linear layers found to quantize")
-        check_finite_weights(targets)  # NaN/Inf named by layer, before any layer is replaced
-        for name, lin in tqdm(targets.items(), desc=f"quantize {config.method}", disable=not progress):
-            set_module(model, name, quantize_linear(lin, config))
+        if placement is None:
+            check_finite_weights(targets)  # NaN/Inf named by layer, before any layer is replaced
+            for name, lin in tqdm(targets.items(), desc=f"quantize {config.method}", disable=not progress):
+                set_module(model, name, quantize_linear(lin, config))
+        else:
+            _quantize_by_block(model, config, targets, placement, progress)
     record_quantization(model, config)
     return model
+
+
+def _quantize_by_block(model: nn.Module, config: QuantConfig, targets: dict[str, nn.Module], placement: Placement,
+                       progress: bool) -> None:
+    """Round to nearest one decoder block at a time where ``placement`` puts it; the layers outside the blocks
+    (``lm_head``) where they are."""
+    block_name, blocks = find_blocks(model)
+    for bi in tqdm(range(len(blocks)), desc=f"quantize {config.method} blocks", disable=not progress):
+        prefix = f"{block_name}.{bi}"
+        placement.enter(bi, prefix, blocks[bi])
+        mine = {n: m for n, m in quantizable_linears(model, config.include_lm_head, config.skip_modules).items()
+                if n.startswith(prefix + ".")}
+        check_finite_weights(mine)
+        for name, lin in mine.items():
+            set_module(model, name, quantize_linear(lin, config))
+        placement.leave(bi, prefix, blocks[bi])
+        release_freed_memory()
+    rest = {n: m for n, m in targets.items() if not n.startswith(block_name + ".")}
+    check_finite_weights(rest)
+    for name, lin in rest.items():
+        set_module(model, name, quantize_linear(lin, config))
+    placement.finish(model)
 
 
 def _is_router(module: nn.Module) -> bool:

@@ -10,6 +10,11 @@ quantized blocks before it really emit.  GPTQ/OWQ/GWQ (:mod:`wct.quantize.calibr
 Memory: the calibration activations (``n_samples × seq_len × d_model`` in the model's dtype, twice: a block's
 inputs and outputs) are checked up front; each block's own needs (statistics, solver, one forward) before the
 block starts (:mod:`wct.resources`).  A run that cannot fit fails at once, with the numbers.
+
+Where a block is calibrated is a :class:`~.offload.Placement`'s business: by default where the model is; with
+:class:`~.offload.Offload` each block visits a calibration device (the model stays in CPU RAM); with
+:class:`~wct.quantize.streaming.CheckpointBlocks` each block's weights are read from disk just before its turn.
+The activations (and the Hessians, and the solver) live on the calibration device.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from tqdm.auto import tqdm
 
 from wct import resources
 from wct.nn.model_utils import find_blocks, find_linears, linear_weight
+
+from .offload import Placement, release_freed_memory, to_device
 
 # (args, kwargs) of one block call, one entry per calibration batch
 BlockInputs = list[tuple[tuple, dict]]
@@ -82,8 +89,11 @@ class _StopForward(Exception):
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, block: nn.Module, calibration: torch.Tensor, batch_size: int) -> BlockInputs:
-    """Inputs (args, kwargs) of ``block`` for each calibration batch; the rest of the model never runs."""
+def capture_block_inputs(model: nn.Module, block: nn.Module, calibration: torch.Tensor, batch_size: int,
+                         device: torch.device | None = None) -> BlockInputs:
+    """Inputs (args, kwargs) of ``block`` for each calibration batch; the rest of the model never runs.
+
+    ``device``: where the model's embeddings are (default: the model's device)."""
     captured: BlockInputs = []
 
     def hook(_mod, args, kwargs):
@@ -91,7 +101,7 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, calibration: torch.
         raise _StopForward
 
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
-    device = resources.model_device(model)
+    device = resources.model_device(model) if device is None else device
     try:
         for s in range(0, calibration.shape[0], batch_size):
             try:
@@ -287,17 +297,24 @@ class BlockStep:
 
 def blockwise(model: nn.Module, calibration: torch.Tensor, *, what: str, batch_size: int = 8, progress: bool = True,
               extra_bytes: int = 0, extra_what: str = "",
-              before_capture: Callable[[], None] | None = None, desc: str | None = None) -> Iterator[BlockStep]:
+              before_capture: Callable[[], None] | None = None, desc: str | None = None,
+              placement: Placement | None = None) -> Iterator[BlockStep]:
     """Yield each decoder block with its calibration inputs; after the caller is done with a block, run it (as the
     caller left it) to produce the next block's inputs.
 
     ``what`` names the run in progress bars and memory errors; ``extra_bytes`` / ``extra_what`` add what the caller
     holds besides the activations to the up-front memory check; ``before_capture`` runs after that check, on the
     float model, with gradients enabled (GWQ's gradient pass).  While a block is handed out, autograd is off.
+
+    ``placement`` (default: every block stays where it is) readies each block on the calibration device before it
+    is handed out and puts it away after its outputs were taken (:mod:`.offload`); the captured inputs move to the
+    calibration device once, and stay there.
     """
     check_calibration(calibration, what)
+    placement = placement or Placement()
     block_name, blocks = find_blocks(model)
-    device = resources.model_device(model)
+    home = placement.home(model)
+    device = placement.calibration_device(model)
     needed, why = activation_bytes(model, blocks, calibration)
     if extra_bytes:
         needed, why = needed + extra_bytes, f"{why}, plus {extra_what} ({resources.format_bytes(extra_bytes)})"
@@ -305,9 +322,16 @@ def blockwise(model: nn.Module, calibration: torch.Tensor, *, what: str, batch_s
     if before_capture is not None:
         before_capture()
     with no_kv_cache(model), torch.no_grad():
-        inputs = capture_block_inputs(model, blocks[0], calibration, batch_size)
+        inputs = capture_block_inputs(model, blocks[0], calibration, batch_size, home)
+        if device != home:
+            inputs = to_device(inputs, device)
         for bi in tqdm(range(len(blocks)), desc=f"{desc or what} blocks", disable=not progress):
-            step = BlockStep(bi, f"{block_name}.{bi}", blocks[bi], inputs, device)
+            prefix = f"{block_name}.{bi}"
+            placement.enter(bi, prefix, blocks[bi])
+            step = BlockStep(bi, prefix, blocks[bi], inputs, device)
             yield step
             outs = run_block(blocks[bi], step.inputs)
             inputs = [with_hidden(a, k, h) for (a, k), h in zip(step.inputs, outs)]
+            placement.leave(bi, prefix, blocks[bi])
+            release_freed_memory()
+    placement.finish(model)

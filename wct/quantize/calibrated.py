@@ -19,12 +19,20 @@ import torch
 from torch import nn
 
 from wct.formats.integer import IntegerFormat
-from wct.nn.model_utils import check_finite_weights, find_blocks, find_linears, quantizable_linears, set_module
+from wct.nn.model_utils import (
+    check_finite_weights,
+    find_blocks,
+    find_linears,
+    linear_weight,
+    quantizable_linears,
+    set_module,
+)
 from wct.nn.quant_experts import QuantExperts
 
 from .blockwise import BlockStep, block_memory_bytes, blockwise, check_block_memory, input_groups, run_block
 from .config import QuantConfig
 from .gptq import HessianCollector
+from .offload import Offload, Placement
 from .rtn import quantize_linear
 from .solvers import get_solver
 
@@ -32,22 +40,31 @@ log = logging.getLogger(__name__)
 
 
 def quantize_calibrated(
-    model: nn.Module, config: QuantConfig, calibration: torch.Tensor, progress: bool = True, batch_size: int = 8
+    model: nn.Module, config: QuantConfig, calibration: torch.Tensor, progress: bool = True, batch_size: int = 8,
+    placement: Placement | None = None,
 ) -> dict:
-    """Quantize ``model``'s decoder blocks in place with ``config.method``'s solver.  Returns per-layer info."""
+    """Quantize ``model``'s decoder blocks in place with ``config.method``'s solver.  Returns per-layer info.
+
+    ``placement``: where each block is calibrated (:mod:`.offload`); default: ``Offload(config.calibration_device)``
+    when that is set, else where the model is.
+    """
     fmt = config.format(partial_groups=True)
     if not isinstance(fmt, IntegerFormat):
         raise ValueError(f"{config.method} solves integer formats; got {fmt.name}")
     solver = get_solver(config, fmt)
+    if placement is None:
+        placement = Offload(config.calibration_device) if config.calibration_device else Placement()
     block_name, blocks = find_blocks(model)
-    check_finite_weights(quantizable_linears(model, config.include_lm_head, config.skip_modules))
+    # weights still on the meta device (streamed from disk) are checked as their block is read
+    check_finite_weights({n: m for n, m in quantizable_linears(model, config.include_lm_head, config.skip_modules).items()
+                          if not linear_weight(m).is_meta})
     extra, extra_what = solver.memory(model, calibration)
 
     t0 = time.time()
     report: dict = {"layers": {}}
     shared: list[list[str]] | None = None  # which layers share an input: the blocks are alike, block 0 tells
     for step in blockwise(model, calibration, what=config.method, batch_size=batch_size, progress=progress,
-                          extra_bytes=extra, extra_what=extra_what,
+                          extra_bytes=extra, extra_what=extra_what, placement=placement,
                           before_capture=lambda: solver.prepare(model, calibration, progress)):
         layers = {n: m for n, m in find_linears(step.block).items()
                   if not any(s and s in f"{step.prefix}.{n}" for s in config.skip_modules)}
@@ -69,6 +86,7 @@ def quantize_calibrated(
             del hessians
         for m in experts:
             m.calibrate_on_all_tokens = set()
+        layers = None  # the dense Linears of this block: freed before the next block is read (streaming)
     if config.include_lm_head:  # outside the blocks: no calibrated inputs were captured for it, so round to nearest
         head_cfg = QuantConfig(method="rtn", wbits=config.wbits, group_size=config.group_size, sym=config.sym)
         for name, lin in quantizable_linears(model, True, config.skip_modules).items():

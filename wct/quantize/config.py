@@ -14,10 +14,11 @@ CALIBRATED_METHODS = ("gptq", "owq", "gwq")
 METHODS = INTEGER_METHODS + CODEBOOK_METHODS
 
 
-def option(default: Any, help: str, choices: tuple | None = None, **kw: Any) -> Any:
+def option(default: Any, help: str, choices: tuple | None = None, record: bool = True, **kw: Any) -> Any:
     """A ``QuantConfig`` field with its help text: the one definition the CLI flags and the TRL arguments are
-    generated from (:mod:`wct.quantize.options`)."""
-    meta = {"help": help}
+    generated from (:mod:`wct.quantize.options`).  ``record=False``: how the run was done, not what it produced
+    (left out of :meth:`QuantConfig.to_dict`, so checkpoints do not depend on it)."""
+    meta = {"help": help, "record": record}
     if choices is not None:
         meta["choices"] = choices
     if isinstance(default, (list, dict, tuple)):
@@ -76,6 +77,12 @@ class QuantConfig:
     skip_modules: tuple[str, ...] = option((), "layer names containing any of these stay in full precision")
     allow_dense: bool = option(False, "quantize even if some decoder-block weights have no packed form (they stay "
                                "dense and the bits per weight say so); without it such a model is refused")
+    # where the work runs (not part of the result: never written into a checkpoint's record)
+    calibration_device: str | None = option(
+        None, "calibrated methods: keep the model in CPU RAM and move one decoder block at a time to this device "
+              "(e.g. cuda) to calibrate and pack it; that device then holds one block, the calibration activations "
+              "and the solver state, not the model (docs/distributed.md, Calibration). Default: where the model is",
+        record=False)
 
     def __post_init__(self) -> None:
         self.method = str(self.method).lower()
@@ -101,6 +108,11 @@ class QuantConfig:
             raise ValueError(f"range_search must be 'minmax', 'mse' or 'grid' (or None for the method default), got "
                              f"{self.range_search!r}")
         self.skip_modules = tuple(self.skip_modules)
+        if self.calibration_device is not None:
+            self.calibration_device = str(self.calibration_device)
+            if self.calibration_device.split(":")[0] not in ("cpu", "cuda", "xpu", "mps", "npu", "hpu"):
+                raise ValueError(f"calibration_device={self.calibration_device!r} is not a device: use e.g. 'cuda', "
+                                 "'cuda:1' or 'cpu' (or leave it unset to calibrate where the model is)")
         self.format()  # validate format parameters early
 
     def _check_target_bits(self) -> None:
@@ -133,8 +145,12 @@ class QuantConfig:
         return get_format(f"int{self.wbits}", group_size=self.group_size, sym=self.sym, partial_groups=partial_groups)
 
     def to_dict(self) -> dict[str, Any]:
+        """The options that define the result (``record=False`` fields, such as ``calibration_device``, left out)."""
         d = asdict(self)
         d["skip_modules"] = list(self.skip_modules)
+        for f in fields(self):
+            if not f.metadata.get("record", True):
+                d.pop(f.name)
         return d
 
     @classmethod
