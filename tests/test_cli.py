@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from conftest import make_tiny_llama, make_tiny_tokenizer, tiny_text
 
 from wct.cli import main
@@ -46,6 +47,30 @@ def test_quantize_inspect_eval(tiny_dir, tmp_path, capsys):
     assert abs(info["summary"]["bits_per_weight"] - rec["bits_per_weight"]) < 1e-3
     assert main(["eval", "ppl", "--model", str(out), "--data", str(txt), "--seq-len", "32", "--windows", "4", "--json"]) == 0
     assert _json_out(capsys)["ppl"] > 1
+
+
+def test_quantize_stream_equals_loading_the_model(tiny_dir, tmp_path, capsys):
+    """``--stream`` reads the dense folder block by block and saves the same packed checkpoint as a full load."""
+    from safetensors.torch import load_file
+
+    model_dir, txt = tiny_dir
+    common = ["--model", str(model_dir), "--method", "gptq", "--wbits", "4", "--group-size", "32", "--calib", str(txt),
+              "--n-samples", "4", "--seq-len", "32"]
+    assert main(["quantize", *common, "--out", str(tmp_path / "full")]) == 0
+    assert main(["quantize", *common, "--stream", "--out", str(tmp_path / "stream")]) == 0
+    full, streamed = (load_file(tmp_path / d / "model.safetensors") for d in ("full", "stream"))
+    assert full.keys() == streamed.keys()
+    assert all(torch.equal(full[k], streamed[k]) for k in full)
+
+
+def test_quantize_stream_refuses_what_it_cannot_stream(tiny_dir, tmp_path, capsys):
+    model_dir, txt = tiny_dir
+    assert main(["quantize", "--method", "nf4", "--stream", "--out", str(tmp_path / "a")]) == 2
+    assert "--model must be a local folder of dense safetensors" in capsys.readouterr().err
+    assert main(["quantize", "--model", str(model_dir), "--method", "outliertune", "--calib", str(txt), "--stream",
+                 "--out", str(tmp_path / "b")]) == 2
+    assert "outliertune reads the whole model" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_out_dir_is_not_overwritten_silently(tiny_dir, tmp_path, capsys):

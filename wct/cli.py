@@ -68,6 +68,9 @@ def _add_quantize(sub) -> None:
     _add_bos_argument(p, "calibration")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
+    p.add_argument("--stream", action="store_true",
+                   help="never hold the dense model whole in RAM: --model must be a local dense safetensors folder, "
+                        "read one decoder block at a time (with --calibration-device, VRAM holds one block)")
 
 
 BOS_CHOICES = {"auto": None, "on": True, "off": False}
@@ -173,6 +176,11 @@ def _check_quantize_args(args):
     err = _out_error(Path(args.out), args.overwrite) or _model_error(args.model)
     if err:
         return None, err
+    if args.stream and (args.method == "outliertune" or not args.model or not Path(args.model).is_dir()):
+        why = ("--method outliertune reads the whole model" if args.method == "outliertune" else
+               "--model must be a local folder of dense safetensors (the embedded model is a GGUF: save it with "
+               "save_pretrained first)")
+        return None, f"--stream: {why}; drop --stream to load the model whole"
     if args.target_bits is not None:
         err = _target_bits_error(args.method, args.target_bits, args.wbits)
         if err:
@@ -212,7 +220,12 @@ def cmd_quantize(args) -> int:
     if err:
         return _fail(err)
     out = Path(args.out)
-    model, tok = load_any(args.model)
+    if args.stream:  # only the tokenizer now; the weights are read block by block by quantize_model
+        from transformers import AutoTokenizer
+
+        model, tok = args.model, AutoTokenizer.from_pretrained(args.model)
+    else:
+        model, tok = load_any(args.model)
     t0 = time.time()
     if args.method == "outliertune":
         from wct.integrations.outliertune import quantize_outliertune_cli
@@ -225,7 +238,7 @@ def cmd_quantize(args) -> int:
     if cfg.calibrated:
         calib = get_calibration_windows(args.calib, tok, n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed,
                                         bos=BOS_CHOICES[args.bos])
-    quantize_model(model, cfg, calibration=calib)
+    model = quantize_model(model, cfg, calibration=calib)
     seconds = time.time() - t0
     if cfg.method == "owq" and not sum(r["weak_columns"] for r in inspect_rows(model)):
         print(f"warning: owq kept no 16-bit weak columns at --target-bits {cfg.target_bits} (the budget is below one "
