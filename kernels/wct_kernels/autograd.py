@@ -168,22 +168,26 @@ def _quant_linear_op(
     col_values: Optional[torch.Tensor], sp_rowptr: Optional[torch.Tensor], sp_cols: Optional[torch.Tensor],
     sparse_values: Optional[torch.Tensor],
 ) -> torch.Tensor:
-    """``x [tokens, in] -> [tokens, out]`` in ``x``'s dtype (no bias).
+    """``x [..., in] -> [..., out]`` in ``x``'s dtype (no bias).
 
-    Two-dimensional on purpose: the leading dimensions are folded and unfolded *outside* the op
-    (:func:`quant_linear_raw`), by aten views autograd knows.  A reshape in here would return a view
-    created inside a custom autograd function, and in-place ops on it (Falcon's
-    ``mlp_output += attention_output``) are then forbidden.  The output must never alias anything:
-    the copy below is only taken if a backend ever hands back a view.
+    The output is a tensor of its own, never a view: in-place ops on it must work, and a view
+    breaks two of them.  Autograd forbids in-place changes of a view created inside a custom
+    function (Falcon's ``mlp_output += attention_output`` raised "is a view and is being modified
+    inplace"), and FSDP2 registers its pre-backward hook on a module's output, which an in-place
+    op on a view drops silently (the all-gather in backward is then skipped: wrong gradients).
+    So the backends' ``[tokens, out]`` result is reshaped here and detached from its 2-D base (same
+    memory, no copy; only a backend that handed back a view of something else is copied).
     """
     packed = _packed(base, layout, col_idx, sp_rowptr, sp_cols)
-    y = _backend(x).forward(packed, x, col_values, sparse_values)
-    return y if y._base is None else y.clone()
+    y = _backend(x).forward(packed, x.reshape(-1, x.shape[-1]), col_values, sparse_values)
+    if y._base is not None or not y.is_contiguous():
+        y = y.clone(memory_format=torch.contiguous_format)
+    return y.view(*x.shape[:-1], packed.out_features).detach()
 
 
 @_quant_linear_op.register_fake
 def _(x, base, layout, col_idx, col_values, sp_rowptr, sp_cols, sparse_values):
-    return x.new_empty(x.shape[0], _out_features(layout))
+    return x.new_empty(*x.shape[:-1], _out_features(layout))
 
 
 @torch.library.custom_op("wct::quant_linear_grad_input", mutates_args=())
@@ -249,8 +253,9 @@ def _setup_context(ctx, inputs, output) -> None:
             f"(trainable here: {names[slot] if slot is not None else 'nothing, this format has no trainable scales'})"
         )
     need_scales = bool(wants)
-    saved_x = x if (need_sparse or need_scales) else (x[:, col_idx.long()] if need_cols else None)
-    ctx.layout, ctx.n_base = layout, len(base)
+    x2d = x.reshape(-1, x.shape[-1])
+    saved_x = x2d if (need_sparse or need_scales) else (x2d[:, col_idx.long()] if need_cols else None)
+    ctx.layout, ctx.n_base, ctx.x_shape = layout, len(base), x.shape
     ctx.need = (need_x, need_cols, need_sparse, need_scales)
     ctx.save_for_backward(saved_x, col_idx, col_values, sp_rowptr, sp_cols, sparse_values, *base)
 
@@ -258,11 +263,12 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad_y):
     saved_x, col_idx, col_values, sp_rowptr, sp_cols, sparse_values, *base = ctx.saved_tensors
     need_x, need_cols, need_sparse, need_scales = ctx.need
-    gy = grad_y
+    gy = grad_y.reshape(-1, grad_y.shape[-1])
     gx = gc = gs = None
     gbase = [None] * ctx.n_base
     if need_x:
         gx = _grad_input_op(gy, base, ctx.layout, col_idx, col_values, sp_rowptr, sp_cols, sparse_values)
+        gx = gx.reshape(ctx.x_shape)
     if need_cols:
         xc = saved_x[:, col_idx.long()] if (need_sparse or need_scales) else saved_x
         gc = (gy.t() @ xc.to(gy.dtype)).to(col_values.dtype)
@@ -290,9 +296,7 @@ def quant_linear_raw(
     bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The op on raw buffers (what ``QuantLinear.forward`` calls: nothing data-dependent outside it)."""
-    x2d = x.reshape(-1, x.shape[-1])
-    y = _quant_linear_op(x2d, base, layout, col_idx, col_values, sp_rowptr, sp_cols, sparse_values)
-    y = y.reshape(*x.shape[:-1], y.shape[-1])
+    y = _quant_linear_op(x, base, layout, col_idx, col_values, sp_rowptr, sp_cols, sparse_values)
     return y if bias is None else y + bias.to(y.dtype)
 
 
