@@ -370,13 +370,12 @@ def _linear_weights(model) -> tuple[int, int]:
 
 def run_job(job: dict, args) -> dict:
     import torch
+    from benchlib import StepLog
     from peft import LoraConfig
-    from transformers import TrainerCallback
     from trl import SFTTrainer
 
     import wct
-    from wct.integrations.trl import WCTSFTConfig
-    from wct.tuners.wct import optimizer_groups
+    from wct.integrations.trl import ScalesLRMixin, WCTSFTConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -415,30 +414,16 @@ def run_job(job: dict, args) -> dict:
             eval_strategy="steps" if curve else "no", eval_steps=max(1, args.steps // n_curve) if curve else None,
             report_to="none", dataloader_num_workers=0, disable_tqdm=not progress,
         )
-        step_times: list[float] = []
-        step_tokens: list[int] = []
+        steps = StepLog()
 
-        class StepTimer(TrainerCallback):
-            def on_step_begin(self, *_, **__):
-                self.t = time.perf_counter()
-
-            def on_step_end(self, *_, **__):
-                step_times.append(time.perf_counter() - self.t)
-
-        class BenchTrainer(SFTTrainer):
-            def training_step(self, model, inputs, *rest, **kw):
-                mask = inputs.get("attention_mask")
-                step_tokens.append(int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel()))
-                return super().training_step(model, inputs, *rest, **kw)
-
-            def create_optimizer(self, *a, **kw):  # scales apart, at their own rate (wct.tuners.wct.optimizer_groups)
-                if self.optimizer is None:
-                    self.optimizer = torch.optim.AdamW(optimizer_groups(self.model, lr, scales_lr), lr=lr)
-                return self.optimizer
+        class ScalesTrainer(ScalesLRMixin, SFTTrainer):  # scales apart, at their own rate (as the recipe)
+            pass
 
         curve_set = val.select(range(min(len(val), 32))) if curve else None
-        trainer = BenchTrainer(model=model, args=sft_args, train_dataset=train, eval_dataset=curve_set,
-                               processing_class=tok, peft_config=peft_config, callbacks=[StepTimer()])
+        trainer = steps.trainer_class(ScalesTrainer)(
+            model=model, args=sft_args, train_dataset=train, eval_dataset=curve_set, processing_class=tok,
+            peft_config=peft_config, callbacks=[steps.callback()])
+        trainer.scales_lr = scales_lr
         for p in trainer.model.parameters():  # fp32 adapters in every row (TRL casts bnb LoRA weights to bf16)
             if p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.float()
@@ -477,10 +462,8 @@ def run_job(job: dict, args) -> dict:
             rec["exact_match"] = round(float(em.get("accuracy", em.get("exact_match"))), 4)
         rec["eval_seconds"] = round(time.time() - t3, 1)
     rec["bits_per_weight"] = round(_bits(spec["base"], trainer.model), 4)
-    timed = step_times[WARMUP_STEPS:] or step_times
-    tokens = step_tokens[len(step_times) - len(timed):len(step_times)]
-    rec.update(step_seconds=round(statistics.median(timed), 4),
-               tokens_per_second=round(sum(tokens) / max(sum(timed), 1e-9), 2),
+    step_seconds, tokens_per_second, _ = steps.summary(WARMUP_STEPS)
+    rec.update(step_seconds=round(step_seconds, 4), tokens_per_second=round(tokens_per_second, 2),
                peak_rss_mb=max(setup_peak, peak_rss_mb()), threads=torch.get_num_threads(),
                device=str(trainer.args.device), row_seconds=round(time.time() - t_start, 1),
                scales_lr=scales_lr if rec["trainable_by_kind"]["scales"] else None, settings=_settings(args))

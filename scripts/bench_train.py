@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -80,8 +79,8 @@ def _settings(args) -> dict:
 
 def run_row(name: str, args) -> dict:
     import torch
+    from benchlib import StepLog
     from peft import LoraConfig
-    from transformers import TrainerCallback
     from trl import SFTTrainer
 
     import wct
@@ -134,24 +133,10 @@ def run_row(name: str, args) -> dict:
             activation_checkpointing=args.gradient_checkpointing, logging_steps=10, save_strategy="no",
             eval_strategy="no", report_to="none", dataloader_num_workers=0, disable_tqdm=args.no_progress,
         )
-        step_times: list[float] = []
-        step_tokens: list[int] = []
-
-        class StepTimer(TrainerCallback):
-            def on_step_begin(self, *_, **__):
-                self.t = time.perf_counter()
-
-            def on_step_end(self, *_, **__):
-                step_times.append(time.perf_counter() - self.t)
-
-        class CountingTrainer(SFTTrainer):
-            def training_step(self, model, inputs, *rest, **kw):
-                mask = inputs.get("attention_mask")
-                step_tokens.append(int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel()))
-                return super().training_step(model, inputs, *rest, **kw)
-
-        trainer = CountingTrainer(model=model, args=sft_args, train_dataset=train, eval_dataset=held,
-                                  processing_class=tok, peft_config=peft_config, callbacks=[StepTimer()])
+        steps = StepLog()
+        trainer = steps.trainer_class(SFTTrainer)(model=model, args=sft_args, train_dataset=train, eval_dataset=held,
+                                                  processing_class=tok, peft_config=peft_config,
+                                                  callbacks=[steps.callback()])
         # TRL casts the LoRA weights of a bnb 4-bit model to bf16 (QLoRA paper); keep every row's adapter in
         # fp32 so the rows differ in their base only (bf16 weights also lose Adam updates of ~lr relative size).
         for p in trainer.model.parameters():
@@ -182,12 +167,11 @@ def run_row(name: str, args) -> dict:
         rec["bits_per_weight"], rec["resident_bits_per_weight"] = bnb_bits(trainer.model)  # stored, resident
     else:
         rec["bits_per_weight"] = 32.0
-    timed = step_times[WARMUP_STEPS:] or step_times
-    tokens = step_tokens[len(step_times) - len(timed):len(step_times)]
+    step_seconds, tokens_per_second, timed_steps = steps.summary(WARMUP_STEPS)
     rec.update(
-        step_seconds=statistics.median(timed),
-        tokens_per_second=sum(tokens) / sum(timed),
-        timed_steps=len(timed),
+        step_seconds=step_seconds,
+        tokens_per_second=tokens_per_second,
+        timed_steps=timed_steps,
         peak_rss_mb=max(setup_peak, peak_rss_mb()),
         lr=lr, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
         train_records=len(train), eval_records=len(held),

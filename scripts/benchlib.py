@@ -200,3 +200,50 @@ def svg_scatter(points: dict[str, tuple[float, float, float | None]], front: lis
     out.append(f'<text x="{left + pw + 10}" y="{top + 28}">bars: ± sd over seeds</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"
+
+
+class StepLog:
+    """Wall time and real (unpadded) tokens of every training step, for the training benchmarks.
+
+    ``trainer_class(SFTTrainer)`` counts each step's tokens from its attention mask; ``callback()`` times each
+    step (``on_step_begin`` .. ``on_step_end``); :meth:`summary` drops the warm-up steps.
+    """
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.tokens: list[int] = []
+
+    def callback(self):
+        import time
+
+        from transformers import TrainerCallback
+
+        log = self
+
+        class StepTimer(TrainerCallback):
+            def on_step_begin(self, *_, **__):
+                self.t = time.perf_counter()
+
+            def on_step_end(self, *_, **__):
+                log.times.append(time.perf_counter() - self.t)
+
+        return StepTimer()
+
+    def trainer_class(self, base: type) -> type:
+        log = self
+
+        class CountingTrainer(base):
+            def training_step(self, model, inputs, *rest, **kw):
+                mask = inputs.get("attention_mask")
+                log.tokens.append(int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel()))
+                return super().training_step(model, inputs, *rest, **kw)
+
+        return CountingTrainer
+
+    def summary(self, warmup: int) -> tuple[float, float, int]:
+        """(median step seconds, tokens per second, timed steps) over the steps after ``warmup``."""
+        import statistics
+
+        timed = self.times[warmup:] or self.times
+        tokens = self.tokens[len(self.times) - len(timed):len(self.times)]
+        return statistics.median(timed), sum(tokens) / max(sum(timed), 1e-9), len(timed)
